@@ -117,6 +117,12 @@ class ClipBackbone(nn.Module):
         return len(self.clip.visual.transformer.resblocks)
 
     @property
+    def text_is_causal(self) -> bool:
+        """True when the text tower runs under a causal mask (CLIP's): a prompt's EOT state then ignores every
+        position after it, so prompts may be cut after their EOT."""
+        return self._text.attn_mask is not None
+
+    @property
     def token_embedding(self) -> nn.Embedding:
         return self._text.token_embedding
 

@@ -47,12 +47,6 @@ def _clean_class_names(class_names) -> list[str]:
     return names
 
 
-def _text_is_causal(clip: ClipBackbone) -> bool:
-    """Whether the text tower runs under a causal mask (what makes truncation after EOT exact)."""
-    text = getattr(clip, "_text", None)
-    return getattr(text, "attn_mask", None) is not None
-
-
 @contextlib.contextmanager
 def seeded(generator: torch.Generator | None):
     """Draw module initialisations from ``generator`` without touching the global RNG.
@@ -105,7 +99,7 @@ class ClassPrompts(nn.Module):
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
         self.n_ctx, self.ctx_init = n_ctx, ctx_init
         self._check_lengths(clip, init_ids)
-        self._build_buffers(clip, init_ids, truncate and _text_is_causal(clip))
+        self._build_buffers(clip, init_ids, truncate and clip.text_is_causal)
 
     @property
     def num_classes(self) -> int:
