@@ -21,7 +21,8 @@ from torch import nn
 __all__ = ["CheckpointMismatchError", "load_into", "load_state_dict_file", "require_file", "save_state_dict"]
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
-_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+# "feature_params": DNPG phase-2 files ({"feature_params": backbone, "RPL_params": classifier})
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "feature_params")
 
 
 class CheckpointMismatchError(ValueError):
