@@ -7,7 +7,7 @@ Providers side by side:
   `torch.nn.functional.grouped_mm` for both GEMMs, index_add the gated results back;
 - `dense_masked`: every expert on every row as one wide GEMM, the non-selected experts' hidden units masked by
   zero gates (FSMoE's own formulation, and the natural choice when E/k is small);
-- ours: `cpu` (and `triton`/`cuda` on a GPU once they exist).
+- ours: `cpu`, and on a GPU `triton` and `cuda` (each listed only where `backends.why_unavailable` allows it).
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Two input forms: a shared input whose routing units are G consecutive rows (MoE-
 sample; per-token MoE: G = 1), and FSMoE's per-expert inputs (``moe_mlp_per_expert_input``).
 
 Backends: ``reference`` (the seeds' per-expert loop), ``cpu`` (C++, ``fsosr::moe_mlp_fwd``/``_bwd``) and
-``triton`` (``fsosr::moe_mlp_fwd_triton``/``_bwd_triton``, kernels in ``fsosr._triton.moe_mlp``). The ``cuda``
-kernel is still to come; asking for it raises ``BackendUnavailable``.
+``triton`` (``fsosr::moe_mlp_fwd_triton``/``_bwd_triton``, kernels in ``fsosr._triton.moe_mlp``) and ``cuda``
+(``fsosr::moe_mlp_fwd``/``_bwd`` on CUDA tensors, csrc/cuda/moe_mlp_*; compiled, not yet run on a GPU).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from fsosr.ops.topk_route import Routing
 
 __all__ = ["moe_mlp", "moe_mlp_per_expert_input"]
 
-IMPLEMENTED = ("reference", "cpu", "triton")
+IMPLEMENTED = ("reference", "cpu", "triton", "cuda")
 ACTIVATION_CODES = {"relu": 0, "gelu": 1, "quick_gelu": 2, "identity": 3}
 
 
@@ -89,7 +89,9 @@ def _triton_backward(grad_y: torch.Tensor, x: torch.Tensor, indices: torch.Tenso
 _triton_forward.register_fake(_fake_forward)
 _triton_backward.register_fake(_fake_backward)
 _register_autograd("fsosr::moe_mlp_fwd_triton", torch.ops.fsosr.moe_mlp_bwd_triton)
-_NATIVE_OPS = {"cpu": lambda: torch.ops.fsosr.moe_mlp_fwd, "triton": lambda: torch.ops.fsosr.moe_mlp_fwd_triton}
+_NATIVE_OPS = {"cpu": lambda: torch.ops.fsosr.moe_mlp_fwd, "triton": lambda: torch.ops.fsosr.moe_mlp_fwd_triton,
+               # The same native op as cpu: CUDA tensors reach csrc/cuda/moe_mlp_glue.cpp through the CUDA key.
+               "cuda": lambda: torch.ops.fsosr.moe_mlp_fwd}
 
 
 def _run_native(x, routing, w1, b1, w2, b2, group_size, activation, scale, dropout, seed, per_expert_input,
