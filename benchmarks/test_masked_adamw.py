@@ -6,7 +6,8 @@ Providers:
   then its HF AdamW, a Python loop of per-parameter tensor ops (torch-1.11 semantics: every expert has a grad).
 - `torch_adamw_foreach`: the same masking with ``torch._foreach_mul_``, then ``torch.optim.AdamW(foreach=True)``
   (decay before the step, eps after bias correction: not MoSA's maths, but the same bytes moved).
-- ours (`cpu`): ``masked_adamw_`` over the compact flat buffer (one W_own + uint8 owner map per up projection).
+- ours (`cpu`, and on CUDA `cuda` and `triton`): ``masked_adamw_`` over the compact flat buffer (one W_own + uint8
+  owner map per up projection). Each provider that can run on the benchmark device is measured in the same run.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from fsosr.ops.masked_adamw import SHARED, masked_adamw_
 
 BLOCKS, N, D, R = 12, 4, 768, 64
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-6, 0.01
-OURS = [b for b in ("cpu",) if backends.why_unavailable(b, DEVICE) is None]
+OURS = [b for b in ("cpu", "cuda", "triton") if backends.why_unavailable(b, DEVICE) is None]
 PROVIDERS = ["mosa_loop", "torch_adamw_foreach"] + OURS
 
 

@@ -41,11 +41,23 @@ the parameter of the entries that read them (entries whose gradient is masked ou
 (e.g. with a GradScaler) is the caller's choice, because a check inside an in-place step could only fire after
 part of the buffer was written.
 
-The CPU kernel checks everything, then makes one pass over fixed blocks of entries (bitwise identical results on
-any thread count); fp32 runs eight entries at a time with AVX2 where the CPU has it (same operations, same bits
-as the scalar loop), fp64 (for the reference tests) runs the scalar loop.
+On CUDA tensors the value checks need a host synchronisation, so they run only when asked (``validate=True`` or
+``FSOSR_CHECK_INPUTS=1``); unchecked bad values cannot make a kernel read out of bounds: an entry whose owner is
+>= N (and not 255) is left unchanged, a selected expert outside [0, N) matches no entry.
+
+Backends (all fp32 and fp64; every one is elementwise after a tiny per-(segment, slot) rule table, so results are
+bitwise reproducible run to run):
+- ``cpu`` (``fsosr::masked_adamw_``, C++): checks everything, then one pass over fixed blocks of entries (bitwise
+  identical on any thread count); fp32 runs eight entries at a time with AVX2 where the CPU has it (same
+  operations, same bits as the scalar loop).
+- ``cuda`` (``fsosr::masked_adamw_`` on CUDA tensors, csrc/cuda/masked_adamw*.cu): a rules kernel, then one
+  grid-stride pass; each entry finds its segment by binary search over ``segment_offsets``.
+- ``triton`` (``fsosr::masked_adamw_triton_``, kernels/masked_adamw.py): the same two launches in Triton.
+- ``reference``: plain PyTorch (the oracle).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -54,7 +66,7 @@ from fsosr.ops import reference
 
 __all__ = ["SHARED", "SEMANTICS", "masked_adamw_"]
 
-IMPLEMENTED = ("reference", "cpu")
+IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 SHARED = reference.SHARED_OWNER
 SEMANTICS = reference.MASKED_ADAMW_SEMANTICS
 
@@ -66,6 +78,20 @@ def _fake(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offsets, sel
 
 if _extension.LOADED:
     torch.library.register_fake("fsosr::masked_adamw_")(_fake)
+
+
+@torch.library.custom_op("fsosr::masked_adamw_triton_", mutates_args=("params", "exp_avg", "exp_avg_sq", "steps"))
+def _masked_adamw_triton(params: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, steps: torch.Tensor,
+                         grads: torch.Tensor, owner: torch.Tensor, segment_offsets: torch.Tensor,
+                         selected: torch.Tensor, weight_decay: torch.Tensor, lr: float, beta1: float, beta2: float,
+                         eps: float, semantics: int, advance_steps: bool) -> None:
+    from fsosr._triton import masked_adamw as kernels  # noqa: PLC0415 - Triton is imported on first use only
+
+    kernels.masked_adamw(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offsets, selected, weight_decay,
+                         lr, beta1, beta2, eps, semantics, advance_steps)
+
+
+_masked_adamw_triton.register_fake(_fake)
 
 
 def _segments(params, selected, segment_offsets, weight_decay):
@@ -104,9 +130,9 @@ def _steps(step, n_segments, num_experts, device):
     return torch.full((n_segments, num_experts + 1), step, dtype=torch.int64, device=device), False
 
 
-def _check_reference_inputs(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offsets, selected,
-                            weight_decay) -> None:
-    """The C++ kernel's checks for the plain-PyTorch path (same messages), all before any write."""
+def _check_layout(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offsets, selected,
+                  weight_decay) -> None:
+    """Dtype, shape and device checks (the C++ kernel's messages); they read no tensor data, so no sync."""
     if params.dtype not in (torch.float32, torch.float64) or params.dim() != 1:
         raise TypeError(f"masked_adamw_: params must be a flat float32 or float64 buffer [P], got {params.dtype} "
                         f"{tuple(params.shape)}")
@@ -121,9 +147,22 @@ def _check_reference_inputs(params, exp_avg, exp_avg_sq, steps, grads, owner, se
     if owner.shape != params.shape:
         raise ValueError(f"masked_adamw_: owner must have params' shape {tuple(params.shape)}, got "
                          f"{tuple(owner.shape)}")
-    n_segments, n_experts = segment_offsets.numel() - 1, steps.shape[1] - 1
+    n_segments = segment_offsets.numel() - 1
+    if segment_offsets.dim() != 1 or n_segments < 0:
+        raise ValueError(f"masked_adamw_: segment_offsets must be 1-D [S+1], got {tuple(segment_offsets.shape)}")
     if selected.shape != (n_segments,) or weight_decay.shape != (n_segments,):
         raise ValueError(f"masked_adamw_: selected and weight_decay must be [S] = [{n_segments}]")
+    if steps.shape[1] - 1 > 254:
+        raise ValueError(f"masked_adamw_: at most 254 experts (owner 255 means shared), got {steps.shape[1] - 1}")
+    names = ("exp_avg", "exp_avg_sq", "step", "grads", "owner", "segment_offsets", "selected", "weight_decay")
+    for name, t in zip(names, (exp_avg, exp_avg_sq, steps, grads, owner, segment_offsets, selected, weight_decay)):
+        if t.device != params.device:
+            raise ValueError(f"masked_adamw_: {name} is on {t.device} but params are on {params.device}")
+
+
+def _check_values(params, steps, owner, segment_offsets, selected) -> None:
+    """The checks that read data (one host synchronisation on CUDA), all before any write."""
+    n_experts = steps.shape[1] - 1
     offsets = segment_offsets.tolist()
     if offsets[0] != 0 or offsets[-1] != params.numel() or any(a > b for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"masked_adamw_: segment_offsets must run non-decreasing from 0 to P = {params.numel()}")
@@ -135,11 +174,19 @@ def _check_reference_inputs(params, exp_avg, exp_avg_sq, steps, grads, owner, se
         raise ValueError(f"masked_adamw_: owner has a value >= N = {n_experts} other than 255 (shared)")
 
 
+def _should_validate(validate: bool | None, params: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling() or (params.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False  # a data-dependent raise can be neither traced nor captured
+    if validate is None:
+        return params.device.type == "cpu" or os.environ.get("FSOSR_CHECK_INPUTS") == "1"
+    return validate
+
+
 def masked_adamw_(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                   owner: torch.Tensor, selected, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                   eps: float = 1e-6, weight_decay=0.0, step, semantics: str = "mosa",
                   segment_offsets: torch.Tensor | None = None, num_experts: int | None = None,
-                  backend: str | None = None) -> None:
+                  backend: str | None = None, validate: bool | None = None) -> None:
     """One masked HF-AdamW step, in place on ``params``, ``exp_avg``, ``exp_avg_sq`` (and a ``step`` tensor).
 
     Args:
@@ -152,7 +199,11 @@ def masked_adamw_(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tens
         semantics: ``mosa`` | ``skip`` | ``freeze``; see the module docstring.
         segment_offsets: int64 [S+1]; default one segment over the whole buffer.
         num_experts: N; required with an int ``step``, else read from the step tensor.
-        backend: ``reference`` | ``cpu``; default ``FSOSR_BACKEND`` or automatic.
+        backend: ``reference`` | ``cpu`` | ``cuda`` | ``triton``; default ``FSOSR_BACKEND`` or automatic.
+        validate: check the values that need a data read (owner < N or 255, selected in [0, N), offsets, steps
+            >= 0) before anything is written. Default: on for CPU tensors (the ``cpu`` kernel always checks),
+            off for CUDA tensors (it would synchronise) unless ``FSOSR_CHECK_INPUTS=1``; never while compiling or
+            capturing a CUDA graph. Dtypes, shapes and devices are always checked.
     """
     if not isinstance(params, torch.Tensor):
         raise TypeError(f"masked_adamw_: params must be a tensor, got {type(params).__name__}")
@@ -167,7 +218,14 @@ def masked_adamw_(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tens
         raise ValueError("masked_adamw_: every buffer must be contiguous (it is updated in place)")
     scalars = (float(lr), beta1, beta2, float(eps), SEMANTICS.index(semantics), advance)
     if chosen == "cpu":
+        torch.ops.fsosr.masked_adamw_(*tensors, *scalars)  # the C++ kernel checks everything itself
+        return
+    _check_layout(*tensors)
+    if chosen == "reference" or _should_validate(validate, params):
+        _check_values(params, steps, owner, segment_offsets, selected)
+    if chosen == "cuda":
         torch.ops.fsosr.masked_adamw_(*tensors, *scalars)
+    elif chosen == "triton":
+        torch.ops.fsosr.masked_adamw_triton_(*tensors, *scalars)
     else:
-        _check_reference_inputs(*tensors)
         reference.masked_adamw_flat_(*tensors, *scalars)

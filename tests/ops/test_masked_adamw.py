@@ -1,16 +1,21 @@
 """fsosr.ops.masked_adamw_: the flat-buffer op against MoSA's own way (N dense copies, grad *= mask, HF AdamW) in
-fp64 for every semantics, fp32 accuracy, the int-step form, determinism, opcheck and every error path."""
+fp64 for every semantics, fp32 accuracy, the int-step form, determinism, opcheck and every error path.
+
+Every backend that runs on the CPU here is tested (``triton`` through its interpreter, at small sizes); the
+``gpu``-marked tests at the end run ``cuda`` and ``triton`` on CUDA tensors."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fsosr import backends
+from fsosr import backends, testing
 from fsosr.ops import reference
 from fsosr.ops.masked_adamw import SHARED, masked_adamw_
 
-NATIVE = [b for b in ("cpu",) if backends.why_unavailable(b, torch.device("cpu")) is None]
-BACKENDS = ["reference"] + NATIVE
+CPU = torch.device("cpu")
+NATIVE = [b for b in ("cpu",) if backends.why_unavailable(b, CPU) is None]     # the C++ kernel (threads, AVX2)
+ON_CPU = testing.backends_under_test(CPU, ("cpu", "triton"))                   # + triton under the interpreter
+BACKENDS = ["reference"] + ON_CPU
 SEMANTICS = ["mosa", "skip", "freeze"]
 BETAS, EPS, WD = (0.9, 0.999), 1e-6, 0.01
 
@@ -107,8 +112,9 @@ def run(model: Model, semantics: str, backend: str, n_steps=50, seed=1, int_step
         grads = [torch.randn(p.value.shape, generator=g, dtype=torch.float64) for p in model.seed_params]
         reference.seed_masked_adamw_step_(model.seed_params, grads, draws, lr=lr, betas=BETAS, eps=EPS,
                                           semantics=semantics)
-        selected = model.segment_selected(draws)
-        flat_grads = model.flat_from_seed(lambda i: grads[model._drawn_copy(i, draws)]).to(model.dtype)
+        device = model.params.device
+        selected = model.segment_selected(draws).to(device)
+        flat_grads = model.flat_from_seed(lambda i: grads[model._drawn_copy(i, draws)]).to(device, model.dtype)
         if nan_at is not None:
             flat_grads[nan_at] = float("nan")
         masked_adamw_(model.params, flat_grads, model.exp_avg, model.exp_avg_sq, model.owner, selected, lr=lr,
@@ -148,8 +154,8 @@ def test_semantics_differ_where_documented(semantics):
 
 @pytest.mark.parametrize("semantics", SEMANTICS)
 def test_fp32_close_to_fp64_seed(semantics):
-    for backend in NATIVE:
-        flat, seed = run(Model(dtype=torch.float32), semantics, backend)
+    for backend in ON_CPU:  # the interpreter is slow: 20 steps for triton (its 50-step run is the fp64 test)
+        flat, seed = run(Model(dtype=torch.float32), semantics, backend, n_steps=20 if backend == "triton" else 50)
         for ours, theirs in zip(flat, seed):
             torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-5)
 
@@ -223,16 +229,74 @@ def test_vector_path_equals_scalar_path_bitwise(backend, semantics):
         assert torch.equal(x, y)
 
 
+def _ops():
+    ops = [torch.ops.fsosr.masked_adamw_] if NATIVE else []
+    return ops + ([torch.ops.fsosr.masked_adamw_triton_] if "triton" in ON_CPU else [])
+
+
+@pytest.mark.parametrize("op", _ops(), ids=lambda op: str(op).split(".")[-1])
 @pytest.mark.parametrize("advance", [True, False])
-def test_opcheck(advance):
-    if not NATIVE:
-        pytest.skip("fsosr._C is not built")
+def test_opcheck(op, advance):
     args, kwargs = big_inputs(n=5000)
     params, grads, exp_avg, exp_avg_sq, owner, selected = args
     steps = kwargs["step"] + (0 if advance else 1)
-    torch.library.opcheck(torch.ops.fsosr.masked_adamw_,
+    torch.library.opcheck(op,
                           (params, exp_avg, exp_avg_sq, steps, grads, owner, kwargs["segment_offsets"], selected,
                            kwargs["weight_decay"], 1e-3, 0.9, 0.999, 1e-6, 0, advance))
+
+
+@pytest.mark.parametrize("backend", [b for b in ON_CPU if b != "cpu"])
+@pytest.mark.parametrize("semantics", SEMANTICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_matches_reference_bitwise_deterministic(backend, semantics, dtype):
+    """Odd size, segments crossing program blocks, shared entries, counters at 0..2: the backend against the
+    reference (fp64: exact up to rounding of the fp64 maths), twice with the same bits."""
+    args, kwargs = big_inputs(dtype=dtype, n=9_001)
+    results = []
+    for name in (backend, backend, "reference"):
+        a, k = _clone(args, kwargs)
+        masked_adamw_(*a, **k, semantics=semantics, backend=name)
+        results.append((a[0], a[2], a[3], k["step"]))
+    for x, y in zip(results[0], results[1]):
+        assert torch.equal(x, y)
+    tol = dict(rtol=1e-13, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for x, y in zip(results[0], results[2]):
+        torch.testing.assert_close(x, y, **tol)
+    assert torch.equal(results[0][3], results[2][3])          # the step counters advance identically
+    assert not torch.equal(results[0][0], args[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["one_expert", "one_entry", "empty_segments", "idle_selected"])
+def test_edge_cases(backend, case):
+    """Owner all one expert; P = 1; empty segments (first, middle, last); a selected expert that owns nothing."""
+    g = torch.Generator().manual_seed(3)
+    n, n_experts = {"one_entry": 1}.get(case, 50), 3
+    params, grads = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    exp_avg = 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    exp_avg_sq = torch.rand(n, generator=g, dtype=torch.float64)
+    owner = torch.full((n,), 1, dtype=torch.uint8)
+    offsets, selected = torch.tensor([0, n]), torch.tensor([1])
+    if case == "empty_segments":
+        offsets, selected = torch.tensor([0, 0, 20, 20, n, n]), torch.tensor([0, 0, 2, 1, 0])
+        owner[:10] = 0
+    elif case == "idle_selected":
+        selected = torch.tensor([2])          # expert 2 owns no entry: only mosa's stale state could move them
+    steps = torch.zeros(len(selected), n_experts + 1, dtype=torch.int64)
+    steps[:, 1] = 4                           # expert 1 was drawn before (mosa keeps stepping it when idle)
+    inputs = [params, grads, exp_avg, exp_avg_sq, owner, selected]
+    ours, ref = _clone(inputs, dict(step=steps)), _clone(inputs, dict(step=steps))
+    for (a, k), name in ((ours, backend), (ref, "reference")):
+        for _ in range(3):
+            masked_adamw_(*a, lr=1e-2, weight_decay=0.01, segment_offsets=offsets, semantics="mosa", backend=name,
+                          **k)
+    for x, y in zip((ours[0][0], ours[0][2], ours[0][3], ours[1]["step"]),
+                    (ref[0][0], ref[0][2], ref[0][3], ref[1]["step"])):
+        torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-15)
+    moved = ours[0][0] != params
+    assert bool(moved.all())                  # every entry is expert 0's or 1's: drawn or stale-mosa, all move
+    if case == "idle_selected":               # the drawn expert started counting, owning nothing
+        assert ours[1]["step"][0].tolist() == [0, 7, 3, 3]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -294,7 +358,89 @@ def test_bad_input_raises_and_writes_nothing(backend, case, error, match):
         assert torch.equal(kwargs["step"], before_kwargs["step"])
 
 
-def test_unknown_backend_is_refused():
+def test_backend_errors_say_why():
     args, kwargs = big_inputs(n=100)
-    with pytest.raises(backends.BackendUnavailable, match="no 'triton' implementation"):
-        masked_adamw_(*args, **kwargs, backend="triton")
+    with pytest.raises(backends.BackendUnavailable, match="cuda backend runs on CUDA tensors"):
+        masked_adamw_(*args, **kwargs, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        masked_adamw_(*args, **kwargs, backend="gpu")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in ON_CPU if b != "cpu"])
+def test_buffers_on_another_device_are_named(backend):
+    args, kwargs = big_inputs(n=100)
+    kwargs["segment_offsets"] = kwargs["segment_offsets"].to("meta")
+    with pytest.raises(ValueError, match="segment_offsets is on meta"):
+        masked_adamw_(*args, **kwargs, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("semantics", SEMANTICS)
+def test_gpu_matches_seed_in_fp64(backend, semantics):
+    model = Model()
+    for name in ("params", "owner", "exp_avg", "exp_avg_sq", "offsets", "weight_decay", "steps"):
+        setattr(model, name, getattr(model, name).cuda())
+    flat, seed = run(model, semantics, backend)
+    for ours, theirs in zip(flat, seed):
+        torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("semantics", SEMANTICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_gpu_matches_reference_and_is_deterministic(backend, semantics, dtype):
+    args, kwargs = big_inputs(dtype=dtype, n=1_000_003)
+    cuda = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    results = []
+    for name in (backend, backend):
+        a, k = _clone([cuda(t) for t in args], {key: cuda(v) for key, v in kwargs.items()})
+        masked_adamw_(*a, **k, semantics=semantics, backend=name)
+        results.append([t.cpu() for t in (a[0], a[2], a[3], k["step"])])
+    a, k = _clone(args, kwargs)
+    masked_adamw_(*a, **k, semantics=semantics, backend="reference")
+    for x, y in zip(results[0], results[1]):
+        assert torch.equal(x, y)
+    tol = dict(rtol=1e-13, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for x, y in zip(results[0], (a[0], a[2], a[3], k["step"])):
+        torch.testing.assert_close(x, y, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_bad_owner_checked_on_request_and_harmless_otherwise(backend):
+    args, kwargs = big_inputs(n=10_000)
+    args = [t.cuda() for t in args]
+    kwargs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    args[4][777] = 7
+    before = args[0].clone()
+    with pytest.raises(ValueError, match="owner has a value >= N"):
+        masked_adamw_(*args, **kwargs, backend=backend, validate=True)
+    assert torch.equal(args[0], before)
+    masked_adamw_(*args, **kwargs, backend=backend)      # unchecked: that entry is left alone, the rest steps
+    assert args[0][777] == before[777] and not torch.equal(args[0], before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_cuda_graph_capture_and_replay(backend):
+    args, kwargs = big_inputs(n=100_003)
+    args = [t.cuda() for t in args]
+    kwargs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    eager_args, eager_kwargs = _clone(args, kwargs)
+    step = lambda a, k: masked_adamw_(*a, **k, backend=backend, validate=False)  # noqa: E731
+    warm_args, warm_kwargs = _clone(args, kwargs)
+    step(warm_args, warm_kwargs)                          # compile / load outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(args, kwargs)
+    for _ in range(3):
+        graph.replay()
+        step(eager_args, eager_kwargs)
+    torch.cuda.synchronize()
+    for x, y in zip((args[0], args[2], args[3], kwargs["step"]),
+                    (eager_args[0], eager_args[2], eager_args[3], eager_kwargs["step"])):
+        assert torch.equal(x, y)
