@@ -39,6 +39,21 @@ TORCH_LIBRARY(fsosr, m) {
       "masked_adamw_(Tensor(a!) params, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) steps, "
       "Tensor grads, Tensor owner, Tensor segment_offsets, Tensor selected, Tensor weight_decay, float lr, "
       "float beta1, float beta2, float eps, int semantics, bool advance_steps) -> ()");
+  // MoSA's compact sparse-expert weights (fsosr/ops/sparse_adapter.py). owner uint8 like w_own; w_rest like w_own
+  // or absent (zeros); expert a 0-d integer tensor, on the CPU or on the weights' device (no host read on CUDA).
+  // W_e = where(owner == expert, w_own, w_rest).
+  m.def("sparse_adapter_weight(Tensor w_own, Tensor owner, Tensor? w_rest, Tensor expert) -> Tensor");
+  // (grad where owner == expert else 0, grad where owner != expert else 0; the latter empty unless rest_grad).
+  m.def("sparse_adapter_weight_bwd(Tensor grad, Tensor owner, Tensor expert, bool rest_grad) -> (Tensor, Tensor)");
+  // y [M, out] = x [M, in] @ W_e^T + bias [out] (bias optional), with W_e as above ([out, in]).
+  m.def(
+      "sparse_linear_fwd(Tensor x, Tensor w_own, Tensor? w_rest, Tensor owner, Tensor expert, Tensor? bias) -> "
+      "Tensor");
+  // Returns (grad_x, grad_w_own = mask * grad_y^T x with the mask applied in the GEMM's epilogue,
+  // grad_w_rest = (1 - mask) * grad_y^T x, grad_bias); each one is an empty tensor unless its flag is set.
+  m.def(
+      "sparse_linear_bwd(Tensor grad_y, Tensor x, Tensor w_own, Tensor? w_rest, Tensor owner, Tensor expert, "
+      "bool x_grad, bool weight_grad, bool rest_grad, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifdef WITH_CUDA

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsosr.ops.sparse_adapter import MAX_EXPERTS, merge_experts, sparse_adapter_weight
+from fsosr.ops.sparse_adapter import MAX_EXPERTS, merge_experts, sparse_adapter_weight, sparse_linear
 
 __all__ = ["PLACEMENTS", "AdapterPlacement", "SparseAdapter", "SparseLinear", "block_forward", "partition_owner"]
 
@@ -126,9 +126,21 @@ class SparseLinear(nn.Module):
         return weight, self.bias.mean(0)
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        """x [..., in] → [..., out] through expert ``expert`` (None: the merged weights)."""
-        weight, bias = self.merged_weight() if expert is None else self.expert_weight(expert)
-        return F.linear(x, weight, bias)
+        """x [..., in] → [..., out] through expert ``expert`` (None: the merged weights).
+
+        A split projection runs :func:`fsosr.ops.sparse_linear`, whose backward masks w_own's gradient to the
+        expert's entries inside the weight-gradient GEMM. Inputs of another dtype than the weights (autocast) take
+        the materialised weight and ``F.linear``, which autocast knows how to cast; the values are the same.
+        """
+        if expert is None or not self.split:
+            weight, bias = self.merged_weight() if expert is None else self.expert_weight(expert)
+            return F.linear(x, weight, bias)
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert must be in [0, {self.num_experts}), got {expert}")
+        if x.dtype != self.w_own.dtype:
+            return F.linear(x, *self.expert_weight(expert))
+        return sparse_linear(x, self.w_own, self._rest_for(expert), self.owner, expert, self.bias[expert],
+                             backend=self.backend)
 
     @torch.no_grad()
     def decay_rest_(self, factor: float, experts) -> None:

@@ -16,23 +16,40 @@ Expert i's weight is then ``where(owner == i, w_own, rest_scale[i] · w_rest)``;
 gradient masked by ``owner == i`` (that is what ``torch.where`` does in backward), which is exactly the seed's
 ``grad *= mask`` on the selected copy.
 
-Only the ``reference`` backend exists so far; asking for another backend by name raises
-:class:`fsosr.backends.BackendUnavailable`.
+The masked gradient is produced where dW is produced. :func:`sparse_linear` (``y = x W_e^T + b``) has a backward
+whose weight-gradient GEMM writes ``where(owner == e, grad_y^T x, 0)`` tile by tile (the mask is the GEMM's
+epilogue; the complement goes to ``w_rest`` when it requires grad), so no full-size dW is ever masked afterwards.
+
+Backends (``backend=`` / ``FSOSR_BACKEND`` / automatic, see :mod:`fsosr.backends`):
+
+| op                      | reference | cpu (C++) | triton | cuda (CUDA C++) |
+|-------------------------|-----------|-----------|--------|-----------------|
+| sparse_adapter_weight   | yes       | yes       | yes    | yes             |
+| sparse_linear           | yes       | yes       | yes    | yes             |
+| merge_experts           | yes       | -         | -      | -               |
+
+Native ops (``torch.library``, with fake implementations and autograd): ``fsosr::sparse_adapter_weight`` /
+``_bwd`` and ``fsosr::sparse_linear_fwd`` / ``_bwd`` (C++ CPU and CUDA kernels from ``fsosr._C``), and the same
+names with a ``_triton`` suffix (``fsosr._triton.sparse_adapter``). The expert id is a 0-d int64 tensor on the
+CPU or on the weights' device, so a CUDA call never reads device memory on the host.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from fsosr import backends
+from fsosr import _extension, backends
 
-__all__ = ["MAX_EXPERTS", "masked_gradients_", "merge_experts", "sparse_adapter_weight"]
+__all__ = ["MAX_EXPERTS", "masked_gradients_", "merge_experts", "sparse_adapter_weight", "sparse_linear"]
 
 # The owner map is uint8 (a quarter of an int32 map's bytes for the optimizer to stream), so 256 experts at most.
 MAX_EXPERTS = 256
 
-_IMPLEMENTED = ("reference",)
+_IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
+_MERGE_IMPLEMENTED = ("reference",)
+_GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # sparse_linear on triton / cuda
 
 
 def _check_compact(op: str, w_own: torch.Tensor, owner: torch.Tensor, w_rest: torch.Tensor | None) -> None:
@@ -58,30 +75,221 @@ def _check_compact(op: str, w_own: torch.Tensor, owner: torch.Tensor, w_rest: to
             raise ValueError(f"{op}: w_rest must be on w_own's device {w_own.device}, got {w_rest.device}")
 
 
+def _expert_tensor(op: str, expert, device: torch.device) -> torch.Tensor:
+    """The expert id as a 0-d int64 tensor on the CPU (from an int) or on ``device`` (a tensor stays where it is
+    when it is there or on the CPU: no host read, no copy)."""
+    if isinstance(expert, torch.Tensor):
+        if expert.dim() != 0 or expert.is_floating_point() or expert.is_complex() or expert.dtype == torch.bool:
+            raise TypeError(f"{op}: expert must be an int or a 0-d integer tensor, "
+                            f"got {expert.dtype}{tuple(expert.shape)}")
+        if expert.device.type != "cpu" and expert.device != device:
+            raise ValueError(f"{op}: expert is on {expert.device}; put it on the CPU or on the weights' device "
+                             f"{device}")
+        return expert if expert.dtype == torch.int64 else expert.to(torch.int64)
+    if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < MAX_EXPERTS:
+        raise ValueError(f"{op}: expert must be an int in [0, {MAX_EXPERTS - 1}], got {expert!r}")
+    return torch.tensor(expert, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference semantics (plain PyTorch; autograd through torch.where gives exactly the masked gradients)
+# ---------------------------------------------------------------------------------------------------------------
+def _reference_weight(w_own, owner, w_rest, expert):
+    rest = w_rest if w_rest is not None else w_own.new_zeros(())
+    return torch.where(owner == expert.to(owner.device), w_own, rest)
+
+
+def _reference_linear(x, w_own, w_rest, owner, expert, bias):
+    return F.linear(x, _reference_weight(w_own, owner, w_rest, expert), bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library registration: fake implementations and autograd of the native ops
+# ---------------------------------------------------------------------------------------------------------------
+def _fake_weight(w_own, owner, w_rest, expert):
+    return torch.empty_like(w_own, memory_format=torch.contiguous_format)
+
+
+def _fake_weight_bwd(grad, owner, expert, rest_grad):
+    return torch.empty_like(grad), (torch.empty_like(grad) if rest_grad else grad.new_empty(0))
+
+
+def _fake_linear(x, w_own, w_rest, owner, expert, bias):
+    return x.new_empty((x.shape[0], w_own.shape[0]))
+
+
+def _fake_linear_bwd(grad_y, x, w_own, w_rest, owner, expert, x_grad, weight_grad, rest_grad, bias_grad):
+    empty = lambda: w_own.new_empty(0)  # noqa: E731 - fresh each time: outputs may not alias
+    return (torch.empty_like(x) if x_grad else empty(), torch.empty_like(w_own) if weight_grad else empty(),
+            torch.empty_like(w_own) if rest_grad else empty(),
+            w_own.new_empty(w_own.shape[0]) if bias_grad else empty())
+
+
+def _register_weight_autograd(name: str, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        _w_own, owner, w_rest, expert = inputs
+        ctx.save_for_backward(owner, expert)
+        ctx.has_rest = w_rest is not None
+
+    def backward(ctx, grad):
+        owner, expert = ctx.saved_tensors
+        rest_grad = ctx.has_rest and ctx.needs_input_grad[2]
+        own, rest = backward_op(grad.contiguous(), owner, expert, rest_grad)
+        return (own if ctx.needs_input_grad[0] else None), None, (rest if rest_grad else None), None
+
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+
+def _register_linear_autograd(name: str, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        x, w_own, w_rest, owner, expert, bias = inputs
+        ctx.save_for_backward(x, w_own, w_rest, owner, expert)
+        ctx.has_rest, ctx.has_bias = w_rest is not None, bias is not None
+
+    def backward(ctx, grad_y):
+        x, w_own, w_rest, owner, expert = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        rest_grad, bias_grad = ctx.has_rest and needs[2], ctx.has_bias and needs[5]
+        grad_x, grad_own, grad_rest, grad_bias = backward_op(grad_y.contiguous(), x, w_own, w_rest, owner, expert,
+                                                             needs[0], needs[1], rest_grad, bias_grad)
+        return (grad_x if needs[0] else None, grad_own if needs[1] else None, grad_rest if rest_grad else None,
+                None, None, grad_bias if bias_grad else None)
+
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+
+if _extension.LOADED:
+    torch.library.register_fake("fsosr::sparse_adapter_weight")(_fake_weight)
+    torch.library.register_fake("fsosr::sparse_adapter_weight_bwd")(_fake_weight_bwd)
+    torch.library.register_fake("fsosr::sparse_linear_fwd")(_fake_linear)
+    torch.library.register_fake("fsosr::sparse_linear_bwd")(_fake_linear_bwd)
+    _register_weight_autograd("fsosr::sparse_adapter_weight", torch.ops.fsosr.sparse_adapter_weight_bwd)
+    _register_linear_autograd("fsosr::sparse_linear_fwd", torch.ops.fsosr.sparse_linear_bwd)
+
+
+def _kernels():
+    from fsosr._triton import sparse_adapter as kernels  # noqa: PLC0415 - Triton is imported on first use only
+
+    return kernels
+
+
+@torch.library.custom_op("fsosr::sparse_adapter_weight_triton", mutates_args=())
+def _triton_weight(w_own: torch.Tensor, owner: torch.Tensor, w_rest: torch.Tensor | None,
+                   expert: torch.Tensor) -> torch.Tensor:
+    return _kernels().sparse_adapter_weight(w_own, owner, w_rest, expert)
+
+
+@torch.library.custom_op("fsosr::sparse_adapter_weight_bwd_triton", mutates_args=())
+def _triton_weight_bwd(grad: torch.Tensor, owner: torch.Tensor, expert: torch.Tensor,
+                       rest_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().sparse_adapter_weight_backward(grad, owner, expert, rest_grad)
+
+
+@torch.library.custom_op("fsosr::sparse_linear_fwd_triton", mutates_args=())
+def _triton_linear(x: torch.Tensor, w_own: torch.Tensor, w_rest: torch.Tensor | None, owner: torch.Tensor,
+                   expert: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _kernels().sparse_linear_forward(x, w_own, w_rest, owner, expert, bias)
+
+
+@torch.library.custom_op("fsosr::sparse_linear_bwd_triton", mutates_args=())
+def _triton_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, w_own: torch.Tensor, w_rest: torch.Tensor | None,
+                       owner: torch.Tensor, expert: torch.Tensor, x_grad: bool, weight_grad: bool, rest_grad: bool,
+                       bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().sparse_linear_backward(grad_y, x, w_own, w_rest, owner, expert, x_grad, weight_grad,
+                                             rest_grad, bias_grad)
+
+
+_triton_weight.register_fake(_fake_weight)
+_triton_weight_bwd.register_fake(_fake_weight_bwd)
+_triton_linear.register_fake(_fake_linear)
+_triton_linear_bwd.register_fake(_fake_linear_bwd)
+_register_weight_autograd("fsosr::sparse_adapter_weight_triton", torch.ops.fsosr.sparse_adapter_weight_bwd_triton)
+_register_linear_autograd("fsosr::sparse_linear_fwd_triton", torch.ops.fsosr.sparse_linear_bwd_triton)
+
+
+def _weight_op(backend_name: str):
+    if backend_name == "triton":
+        return torch.ops.fsosr.sparse_adapter_weight_triton
+    return torch.ops.fsosr.sparse_adapter_weight
+
+
+def _linear_op(backend_name: str):
+    if backend_name == "triton":
+        return torch.ops.fsosr.sparse_linear_fwd_triton
+    return torch.ops.fsosr.sparse_linear_fwd
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------------------------
 def sparse_adapter_weight(w_own: torch.Tensor, owner: torch.Tensor, w_rest: torch.Tensor | None, expert,
                           *, backend: str | None = None) -> torch.Tensor:
-    """Expert ``expert``'s dense weight ``where(owner == expert, w_own, w_rest)``; differentiable w.r.t. ``w_own``.
+    """Expert ``expert``'s dense weight ``where(owner == expert, w_own, w_rest)``; differentiable w.r.t. ``w_own``
+    (gradient masked to ``owner == expert``) and ``w_rest`` (the complement).
 
     Args:
         w_own: [*S] float, the owned values.  owner: [*S] uint8, expert id per entry.
         w_rest: [*S] with w_own's dtype/device, the value of non-owned entries for this expert (already scaled by
             the expert's decay), or None for zeros (zero-initialised up-projection).
-        expert: int (or 0-d integer tensor, which avoids a host read on CUDA) in [0, 255].
-    Returns: [*S] tensor of w_own's dtype. Out-of-range ``owner`` values cannot be detected here without a host
-    sync; :class:`fsosr.nn.SparseAdapter` validates its maps when they are set.
+        expert: int in [0, 255], or a 0-d integer tensor on the CPU or on w_own's device (no host read on CUDA).
+        backend: ``reference`` | ``cpu`` | ``cuda`` | ``triton``; default ``FSOSR_BACKEND`` or automatic.
+    Returns: [*S] contiguous tensor of w_own's dtype. Out-of-range ``owner`` values cannot be detected here
+    without a host sync (an entry no expert owns reads ``w_rest`` for every expert); :class:`fsosr.nn.SparseAdapter`
+    validates its maps when they are set.
     """
     op = "sparse_adapter_weight"
     _check_compact(op, w_own, owner, w_rest)
-    if isinstance(expert, torch.Tensor):
-        if expert.dim() != 0 or expert.is_floating_point() or expert.dtype == torch.bool:
-            raise TypeError(f"{op}: expert must be an int or a 0-d integer tensor, "
-                            f"got {expert.dtype}{tuple(expert.shape)}")
-    elif isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < MAX_EXPERTS:
-        raise ValueError(f"{op}: expert must be an int in [0, {MAX_EXPERTS - 1}], got {expert!r}")
-    backends.resolve(op, backend, w_own.device, implemented=_IMPLEMENTED)
-    mine = owner == (expert.to(owner.device) if isinstance(expert, torch.Tensor) else expert)
-    rest = w_rest if w_rest is not None else w_own.new_zeros(())
-    return torch.where(mine, w_own, rest)
+    expert = _expert_tensor(op, expert, w_own.device)
+    chosen = backends.resolve(op, backend, w_own.device, implemented=_IMPLEMENTED)
+    if chosen == "reference":
+        return _reference_weight(w_own, owner, w_rest, expert)
+    return _weight_op(chosen)(w_own.contiguous(), owner.contiguous(),
+                              None if w_rest is None else w_rest.contiguous(), expert)
+
+
+def sparse_linear(x: torch.Tensor, w_own: torch.Tensor, w_rest: torch.Tensor | None, owner: torch.Tensor, expert,
+                  bias: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """``F.linear(x, sparse_adapter_weight(w_own, owner, w_rest, expert), bias)`` without materialising the mask
+    step in backward: the weight gradient is masked inside the GEMM that produces it.
+
+    Args:
+        x: [..., in].  w_own, owner, w_rest, expert: as in :func:`sparse_adapter_weight`, with [out, in] weights.
+        bias: [out] or None.
+        backend: ``reference`` | ``cpu`` | ``cuda`` | ``triton``. Native backends take x, weights and bias in one
+            dtype (fp32/fp16/bf16; fp64 on ``cpu``); ``reference`` takes anything ``F.linear`` takes.
+    Returns: [..., out]. Gradients: x, w_own (masked to ``owner == expert``), w_rest (the complement), bias.
+    """
+    op = "sparse_linear"
+    _check_compact(op, w_own, owner, w_rest)
+    if w_own.dim() != 2:
+        raise ValueError(f"{op}: w_own must be 2-D [out, in], got shape {tuple(w_own.shape)}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != w_own.shape[1]:
+        raise ValueError(f"{op}: x must be [..., in = {w_own.shape[1]}], got shape {tuple(x.shape)}")
+    if x.device != w_own.device:
+        raise ValueError(f"{op}: x is on {x.device} but w_own is on {w_own.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (w_own.shape[0],):
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"{op}: bias must be [out = {w_own.shape[0]}] or None, got {got}")
+        if bias.device != w_own.device:
+            raise ValueError(f"{op}: bias is on {bias.device} but w_own is on {w_own.device}")
+    expert = _expert_tensor(op, expert, w_own.device)
+    chosen = backends.resolve(op, backend, w_own.device, implemented=_IMPLEMENTED)
+    if chosen == "reference":
+        return _reference_linear(x, w_own, w_rest, owner, expert, bias)
+    for name, t in (("x", x), ("bias", bias)):
+        if t is not None and t.dtype != w_own.dtype:
+            raise TypeError(f"{op}: the {chosen} backend takes {name} in w_own's dtype {w_own.dtype}, got {t.dtype}")
+    if chosen != "cpu" and w_own.dtype not in _GEMM_DTYPES:
+        raise TypeError(f"{op}: the {chosen} backend runs fp32, fp16 and bf16, got {w_own.dtype} (fp64: cpu or "
+                        "reference)")
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = _linear_op(chosen)(x2, w_own.contiguous(), None if w_rest is None else w_rest.contiguous(),
+                           owner.contiguous(), expert, None if bias is None else bias.contiguous())
+    return y.reshape(*x.shape[:-1], w_own.shape[0])
 
 
 def merge_experts(w_own: torch.Tensor, owner: torch.Tensor, w_rest: torch.Tensor | None, num_experts: int, *,
@@ -109,7 +317,7 @@ def merge_experts(w_own: torch.Tensor, owner: torch.Tensor, w_rest: torch.Tensor
             raise ValueError(f"{op}: rest_scale must be a tensor of shape ({num_experts},), got {got}")
         if not rest_scale.is_floating_point():
             raise TypeError(f"{op}: rest_scale must be floating-point, got {rest_scale.dtype}")
-    backends.resolve(op, backend, w_own.device, implemented=_IMPLEMENTED)
+    backends.resolve(op, backend, w_own.device, implemented=_MERGE_IMPLEMENTED)
     if w_rest is None:
         return w_own / num_experts
     if rest_scale is None:
