@@ -112,6 +112,9 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
             save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
         else:
             torch.save(tensors, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the file should get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

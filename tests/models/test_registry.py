@@ -27,3 +27,14 @@ def test_dnpg_phase2_layout_is_unwrapped(tmp_path):
     state = {"conv.weight": torch.ones(2, 2)}
     torch.save({"feature_params": state, "RPL_params": {"w": torch.zeros(1)}}, tmp_path / "phase2.pth")
     assert torch.equal(load_state_dict_file(tmp_path / "phase2.pth")["conv.weight"], state["conv.weight"])
+
+
+def test_saved_weights_get_the_usual_permissions(tmp_path):
+    import os
+    from fsosr.models.checkpoint import save_state_dict
+    umask = os.umask(0o022)
+    try:
+        path = save_state_dict({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
