@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 namespace fsosr {
@@ -47,24 +48,37 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& indices, const at::T
   return p;
 }
 
-// Tasks (experts, or (matrix, expert) pairs) of unequal cost spread over the threads: longest first, each to
-// the least-loaded bucket (ties to the lower one). A task is still done whole by one thread, so its sums keep
-// their fixed order whatever the thread count; only the balance depends on it. Use with
-// at::parallel_for(0, buckets.size(), 1, ...), which gives each thread one bucket.
-std::vector<std::vector<int64_t>> balanced_buckets(const std::vector<int64_t>& costs) {
-  const int64_t n_buckets = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(costs.size())));
-  std::vector<int64_t> tasks(costs.size());
-  for (size_t i = 0; i < tasks.size(); ++i) tasks[i] = int64_t(i);
-  std::stable_sort(tasks.begin(), tasks.end(), [&](int64_t a, int64_t b) { return costs[a] > costs[b]; });
-  std::vector<std::vector<int64_t>> buckets(n_buckets);
-  std::vector<int64_t> load(n_buckets, 0);
-  for (int64_t task : tasks) {
-    if (costs[task] == 0) continue;
-    const int64_t b = std::min_element(load.begin(), load.end()) - load.begin();
-    buckets[b].push_back(task);
-    load[b] += costs[task];
+// Work queue over the threads: every thread takes the next task as soon as it is free (a shared atomic counter),
+// instead of a static share of the range. A static split stalls on the slowest thread (uneven expert loads, or
+// a thread descheduled on a busy machine: measured 3x slower at 2 threads than at 1 under load). A task is done
+// whole by one thread, so results do not depend on which thread ran it or on the thread count.
+// `run(thread_state, task)` is called with a per-thread object made by `make_state()`.
+template <typename MakeState, typename Run>
+void for_each_task(const std::vector<int64_t>& tasks, const MakeState& make_state, const Run& run) {
+  if (tasks.empty()) return;
+  std::atomic<int64_t> next{0};
+  const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), int64_t(tasks.size()));
+  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+    BelowAutograd below_autograd;
+    auto state = make_state();
+    for (int64_t i = next.fetch_add(1); i < int64_t(tasks.size()); i = next.fetch_add(1)) run(state, tasks[i]);
+  });
+}
+
+std::vector<int64_t> all_tasks(int64_t count) {
+  std::vector<int64_t> tasks(count);
+  for (int64_t i = 0; i < count; ++i) tasks[i] = i;
+  return tasks;
+}
+
+// Non-empty tasks, longest first (ties in index order), so the queue ends with the short ones.
+std::vector<int64_t> tasks_longest_first(const std::vector<int64_t>& costs) {
+  std::vector<int64_t> tasks;
+  for (size_t i = 0; i < costs.size(); ++i) {
+    if (costs[i] > 0) tasks.push_back(int64_t(i));
   }
-  return buckets;
+  std::stable_sort(tasks.begin(), tasks.end(), [&](int64_t a, int64_t b) { return costs[a] > costs[b]; });
+  return tasks;
 }
 
 // Experts' costs: their number of routed (unit, slot) pairs.
@@ -104,24 +118,20 @@ void forward_by_expert(const Problem& p, const at::Tensor& x, const at::Tensor& 
   const auto acc = w1.scalar_type();
   at::Tensor pre_flat = hidden_pre.view({-1, p.hidden});
   at::Tensor slot_out = at::zeros({p.units * p.k * p.group, p.d_out}, w1.options());
-  const auto buckets = balanced_buckets(expert_costs(p, off, 1));
-  at::parallel_for(0, int64_t(buckets.size()), 1, [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd;
-    for (int64_t b = begin; b < end; ++b) for (const int64_t e : buckets[b]) {
-      const ExpertRows rows = expert_rows(p, ord, off[e], off[e + 1]);
-      const at::Tensor pre = at::addmm(b1[e], (p.per_expert_input ? x[e] : x).index_select(0, rows.x_rows).to(acc),
-                                       w1[e]);
-      at::Tensor hid = at::empty_like(pre), keep = at::empty({p.group * p.hidden}, pre.options());
-      const int64_t block = p.group * p.hidden;
-      for (int64_t q = off[e]; q < off[e + 1]; ++q) {
-        const int64_t s = q - off[e];
-        hidden_forward<acc_t>(p, dropout_base(p, ord[q] / p.k, ord[q] % p.k), block, acc_t(1),
-                              pre.data_ptr<acc_t>() + s * block, hid.data_ptr<acc_t>() + s * block,
-                              keep.data_ptr<acc_t>());
-      }
-      pre_flat.index_copy_(0, rows.slot_rows, pre);
-      slot_out.index_copy_(0, rows.slot_rows, at::addmm(b2[e], hid, w2[e]));
+  for_each_task(tasks_longest_first(expert_costs(p, off, 1)), [] { return 0; }, [&](int, int64_t e) {
+    const ExpertRows rows = expert_rows(p, ord, off[e], off[e + 1]);
+    const at::Tensor pre = at::addmm(b1[e], (p.per_expert_input ? x[e] : x).index_select(0, rows.x_rows).to(acc),
+                                     w1[e]);
+    at::Tensor hid = at::empty_like(pre), keep = at::empty({p.group * p.hidden}, pre.options());
+    const int64_t block = p.group * p.hidden;
+    for (int64_t q = off[e]; q < off[e + 1]; ++q) {
+      const int64_t s = q - off[e];
+      hidden_forward<acc_t>(p, dropout_base(p, ord[q] / p.k, ord[q] % p.k), block, acc_t(1),
+                            pre.data_ptr<acc_t>() + s * block, hid.data_ptr<acc_t>() + s * block,
+                            keep.data_ptr<acc_t>());
     }
+    pre_flat.index_copy_(0, rows.slot_rows, pre);
+    slot_out.index_copy_(0, rows.slot_rows, at::addmm(b2[e], hid, w2[e]));
   });
   const at::Tensor weights = (gates * p.scale).view({p.units, p.k, 1, 1});
   y.copy_((slot_out.view({p.units, p.k, p.group, p.d_out}) * weights).sum(1).view(y.sizes()));
@@ -137,41 +147,37 @@ void backward_by_expert(const Problem& p, const at::Tensor& x, const at::Tensor&
   const at::Tensor pre_flat = hidden_pre.view({-1, p.hidden});
   const at::Tensor grad_y_rows = grad_y.view({-1, p.d_out});
   at::Tensor slot_dx = p.per_expert_input ? at::Tensor() : at::zeros({p.units * p.k * p.group, p.d_in}, w1.options());
-  const auto buckets = balanced_buckets(expert_costs(p, off, 1));
-  at::parallel_for(0, int64_t(buckets.size()), 1, [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd;
-    for (int64_t b = begin; b < end; ++b) for (const int64_t e : buckets[b]) {
-      const ExpertRows rows = expert_rows(p, ord, off[e], off[e + 1]);
-      const at::Tensor xe = (p.per_expert_input ? x[e] : x).index_select(0, rows.x_rows).to(acc);
-      const at::Tensor dy = grad_y_rows.index_select(0, rows.x_rows);      // y rows are x rows (see ExpertRows)
-      const at::Tensor pre = pre_flat.index_select(0, rows.slot_rows);
-      at::Tensor hid = at::empty_like(pre), keep = at::empty({p.group * p.hidden}, pre.options());
-      const at::Tensor dy_w2 = dy.mm(w2[e].t());
-      const at::Tensor dy_b2 = dy.mv(b2[e]);
-      at::Tensor dpre = at::empty_like(pre);
-      at::Tensor row_factor = at::empty({pre.size(0), 1}, w1.options());   // scale * gate of each row's slot
-      const int64_t block = p.group * p.hidden;
-      for (int64_t q = off[e]; q < off[e + 1]; ++q) {
-        const int64_t s = q - off[e], n = ord[q] / p.k, j = ord[q] % p.k;
-        const acc_t factor = acc_t(p.scale) * gate[ord[q]];
-        // hid is stored times scale * gate: the grad_w2 GEMM below then needs no row scaling.
-        acc_t dot = hidden_backward<acc_t>(p, dropout_base(p, n, j), block, factor, pre.data_ptr<acc_t>() + s * block,
-                                           dy_w2.data_ptr<acc_t>() + s * block, hid.data_ptr<acc_t>() + s * block,
-                                           dpre.data_ptr<acc_t>() + s * block, keep.data_ptr<acc_t>());
-        for (int64_t t = 0; t < p.group; ++t) dot += dy_b2.data_ptr<acc_t>()[s * p.group + t];
-        grad_gate[ord[q]] = acc_t(p.scale) * dot;
-        for (int64_t t = 0; t < p.group; ++t) row_factor.data_ptr<acc_t>()[s * p.group + t] = factor;
-      }
-      grad_w1[e].copy_(xe.t().mm(dpre));
-      grad_b1[e].copy_(dpre.sum(0));
-      grad_w2[e].copy_(hid.t().mm(dy));
-      grad_b2[e].copy_((dy * row_factor).sum(0));
-      const at::Tensor dxe = dpre.mm(w1[e].t());
-      if (p.per_expert_input) {
-        grad_x[e].index_copy_(0, rows.x_rows, dxe);  // a unit picks an expert once: rows are distinct
-      } else {
-        slot_dx.index_copy_(0, rows.slot_rows, dxe);
-      }
+  for_each_task(tasks_longest_first(expert_costs(p, off, 1)), [] { return 0; }, [&](int, int64_t e) {
+    const ExpertRows rows = expert_rows(p, ord, off[e], off[e + 1]);
+    const at::Tensor xe = (p.per_expert_input ? x[e] : x).index_select(0, rows.x_rows).to(acc);
+    const at::Tensor dy = grad_y_rows.index_select(0, rows.x_rows);      // y rows are x rows (see ExpertRows)
+    const at::Tensor pre = pre_flat.index_select(0, rows.slot_rows);
+    at::Tensor hid = at::empty_like(pre), keep = at::empty({p.group * p.hidden}, pre.options());
+    const at::Tensor dy_w2 = dy.mm(w2[e].t());
+    const at::Tensor dy_b2 = dy.mv(b2[e]);
+    at::Tensor dpre = at::empty_like(pre);
+    at::Tensor row_factor = at::empty({pre.size(0), 1}, w1.options());   // scale * gate of each row's slot
+    const int64_t block = p.group * p.hidden;
+    for (int64_t q = off[e]; q < off[e + 1]; ++q) {
+      const int64_t s = q - off[e], n = ord[q] / p.k, j = ord[q] % p.k;
+      const acc_t factor = acc_t(p.scale) * gate[ord[q]];
+      // hid is stored times scale * gate: the grad_w2 GEMM below then needs no row scaling.
+      acc_t dot = hidden_backward<acc_t>(p, dropout_base(p, n, j), block, factor, pre.data_ptr<acc_t>() + s * block,
+                                         dy_w2.data_ptr<acc_t>() + s * block, hid.data_ptr<acc_t>() + s * block,
+                                         dpre.data_ptr<acc_t>() + s * block, keep.data_ptr<acc_t>());
+      for (int64_t t = 0; t < p.group; ++t) dot += dy_b2.data_ptr<acc_t>()[s * p.group + t];
+      grad_gate[ord[q]] = acc_t(p.scale) * dot;
+      for (int64_t t = 0; t < p.group; ++t) row_factor.data_ptr<acc_t>()[s * p.group + t] = factor;
+    }
+    grad_w1[e].copy_(xe.t().mm(dpre));
+    grad_b1[e].copy_(dpre.sum(0));
+    grad_w2[e].copy_(hid.t().mm(dy));
+    grad_b2[e].copy_((dy * row_factor).sum(0));
+    const at::Tensor dxe = dpre.mm(w1[e].t());
+    if (p.per_expert_input) {
+      grad_x[e].index_copy_(0, rows.x_rows, dxe);  // a unit picks an expert once: rows are distinct
+    } else {
+      slot_dx.index_copy_(0, rows.slot_rows, dxe);
     }
   });
   if (!p.per_expert_input) grad_x.copy_(slot_dx.view({p.units, p.k, p.group, p.d_in}).sum(1).view(grad_x.sizes()));
@@ -185,33 +191,35 @@ void forward_by_unit(const Problem& p, const at::Tensor& x, const int64_t* idx, 
   const auto acc = w1.scalar_type();
   const bool direct = y.scalar_type() == acc;  // else the unit's rows are summed in scratch, then converted
   const acc_t* b2_data = b2.data_ptr<acc_t>();
-  at::parallel_for(0, p.units, 1, [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd;
-    at::Tensor hid = at::empty({p.group, p.hidden}, w1.options());
-    at::Tensor keep = at::empty({p.group * p.hidden}, w1.options());
-    at::Tensor scratch = direct ? at::Tensor() : at::empty({p.group, p.d_out}, w1.options());
-    std::vector<acc_t> bias(p.d_out);
-    for (int64_t n = begin; n < end; ++n) {
-      at::Tensor y_unit = direct ? y.narrow(0, n * p.group, p.group) : scratch;
-      // The b2 terms of all k slots are one row, written to every token before the GEMMs accumulate onto it.
-      std::fill(bias.begin(), bias.end(), acc_t(0));
-      for (int64_t j = 0; j < p.k; ++j) {
-        const acc_t coef = acc_t(p.scale) * gate[n * p.k + j];
-        const acc_t* b = b2_data + idx[n * p.k + j] * p.d_out;
-        for (int64_t c = 0; c < p.d_out; ++c) bias[c] += coef * b[c];
-      }
-      acc_t* out = y_unit.data_ptr<acc_t>();
-      for (int64_t t = 0; t < p.group; ++t) std::copy(bias.begin(), bias.end(), out + t * p.d_out);
-      for (int64_t j = 0; j < p.k; ++j) {
-        const int64_t e = idx[n * p.k + j];
-        at::Tensor pre = hidden_pre[n][j];
-        at::addmm_out(pre, b1[e], slot_rows(x, p, n, e).to(acc), w1[e]);
-        hidden_forward<acc_t>(p, dropout_base(p, n, j), p.group * p.hidden, acc_t(p.scale) * gate[n * p.k + j],
-                              pre.data_ptr<acc_t>(), hid.data_ptr<acc_t>(), keep.data_ptr<acc_t>());
-        y_unit.addmm_(hid, w2[e]);
-      }
-      if (!direct) y.narrow(0, n * p.group, p.group).copy_(scratch);
+  struct Scratch {
+    at::Tensor hid, keep, out;
+    std::vector<acc_t> bias;
+  };
+  auto make_scratch = [&] {
+    return Scratch{at::empty({p.group, p.hidden}, w1.options()), at::empty({p.group * p.hidden}, w1.options()),
+                   direct ? at::Tensor() : at::empty({p.group, p.d_out}, w1.options()), std::vector<acc_t>(p.d_out)};
+  };
+  for_each_task(all_tasks(p.units), make_scratch, [&](Scratch& s, int64_t n) {
+    at::Tensor y_unit = direct ? y.narrow(0, n * p.group, p.group) : s.out;
+    // The b2 terms of all k slots are one row, written to every token before the GEMMs accumulate onto it.
+    std::vector<acc_t>& bias = s.bias;
+    std::fill(bias.begin(), bias.end(), acc_t(0));
+    for (int64_t j = 0; j < p.k; ++j) {
+      const acc_t coef = acc_t(p.scale) * gate[n * p.k + j];
+      const acc_t* b = b2_data + idx[n * p.k + j] * p.d_out;
+      for (int64_t c = 0; c < p.d_out; ++c) bias[c] += coef * b[c];
     }
+    acc_t* out = y_unit.data_ptr<acc_t>();
+    for (int64_t t = 0; t < p.group; ++t) std::copy(bias.begin(), bias.end(), out + t * p.d_out);
+    for (int64_t j = 0; j < p.k; ++j) {
+      const int64_t e = idx[n * p.k + j];
+      at::Tensor pre = hidden_pre[n][j];
+      at::addmm_out(pre, b1[e], slot_rows(x, p, n, e).to(acc), w1[e]);
+      hidden_forward<acc_t>(p, dropout_base(p, n, j), p.group * p.hidden, acc_t(p.scale) * gate[n * p.k + j],
+                            pre.data_ptr<acc_t>(), s.hid.template data_ptr<acc_t>(), s.keep.template data_ptr<acc_t>());
+      y_unit.addmm_(s.hid, w2[e]);
+    }
+    if (!direct) y.narrow(0, n * p.group, p.group).copy_(s.out);
   });
 }
 
@@ -259,50 +267,51 @@ void backward_units(const Problem& p, const at::Tensor& x, const at::Tensor& gra
                     const at::Tensor& hidden_pre, at::Tensor& grad_x, acc_t* grad_gate, at::Tensor& grad_pre,
                     at::Tensor& hidden_scaled, at::Tensor& dy_sums, at::Tensor& dpre_sums) {
   const bool direct = grad_x.scalar_type() == w1.scalar_type();
-  at::parallel_for(0, p.units, 1, [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd;
-    at::Tensor dy_w2 = at::empty({p.group, p.hidden}, w1.options());
-    at::Tensor keep = at::empty({p.group * p.hidden}, w1.options());
-    at::Tensor scratch = direct ? at::Tensor() : at::empty({p.group, p.d_in}, w1.options());
-    for (int64_t n = begin; n < end; ++n) {
-      const at::Tensor dy = grad_y.narrow(0, n * p.group, p.group);
-      const acc_t* dy_data = dy.data_ptr<acc_t>();
-      acc_t* dy_sum = dy_sums.data_ptr<acc_t>() + n * p.d_out;
-      std::fill(dy_sum, dy_sum + p.d_out, acc_t(0));
-      for (int64_t t = 0; t < p.group; ++t) {
-        for (int64_t c = 0; c < p.d_out; ++c) dy_sum[c] += dy_data[t * p.d_out + c];
-      }
-      at::Tensor dx_unit = direct ? grad_x.narrow(0, n * p.group, p.group) : scratch;
-      for (int64_t j = 0; j < p.k; ++j) {
-        const int64_t e = idx[n * p.k + j];
-        at::mm_out(dy_w2, dy, w2[e].t());
-        const acc_t factor = acc_t(p.scale) * gate[n * p.k + j];
-        acc_t* dp = grad_pre[n][j].data_ptr<acc_t>();
-        acc_t dot = hidden_backward<acc_t>(p, dropout_base(p, n, j), p.group * p.hidden, factor,
-                                           hidden_pre[n][j].data_ptr<acc_t>(), dy_w2.data_ptr<acc_t>(),
-                                           hidden_scaled[n][j].data_ptr<acc_t>(), dp, keep.data_ptr<acc_t>());
-        const acc_t* b = b2.data_ptr<acc_t>() + e * p.d_out;
-        for (int64_t c = 0; c < p.d_out; ++c) dot += dy_sum[c] * b[c];
-        grad_gate[n * p.k + j] = acc_t(p.scale) * dot;
-        acc_t* dp_sum = dpre_sums.data_ptr<acc_t>() + (n * p.k + j) * p.hidden;
-        std::fill(dp_sum, dp_sum + p.hidden, acc_t(0));
-        for (int64_t t = 0; t < p.group; ++t) {
-          for (int64_t c = 0; c < p.hidden; ++c) dp_sum[c] += dp[t * p.hidden + c];
-        }
-        if (j == 0) {
-          at::mm_out(dx_unit, grad_pre[n][j], w1[e].t());
-        } else {
-          dx_unit.addmm_(grad_pre[n][j], w1[e].t());
-        }
-      }
-      if (!direct) grad_x.narrow(0, n * p.group, p.group).copy_(scratch);
+  struct Scratch {
+    at::Tensor dy_w2, keep, dx;
+  };
+  auto make_scratch = [&] {
+    return Scratch{at::empty({p.group, p.hidden}, w1.options()), at::empty({p.group * p.hidden}, w1.options()),
+                   direct ? at::Tensor() : at::empty({p.group, p.d_in}, w1.options())};
+  };
+  for_each_task(all_tasks(p.units), make_scratch, [&](Scratch& s, int64_t n) {
+    const at::Tensor dy = grad_y.narrow(0, n * p.group, p.group);
+    const acc_t* dy_data = dy.data_ptr<acc_t>();
+    acc_t* dy_sum = dy_sums.data_ptr<acc_t>() + n * p.d_out;
+    std::fill(dy_sum, dy_sum + p.d_out, acc_t(0));
+    for (int64_t t = 0; t < p.group; ++t) {
+      for (int64_t c = 0; c < p.d_out; ++c) dy_sum[c] += dy_data[t * p.d_out + c];
     }
+    at::Tensor dx_unit = direct ? grad_x.narrow(0, n * p.group, p.group) : s.dx;
+    for (int64_t j = 0; j < p.k; ++j) {
+      const int64_t e = idx[n * p.k + j];
+      at::mm_out(s.dy_w2, dy, w2[e].t());
+      const acc_t factor = acc_t(p.scale) * gate[n * p.k + j];
+      acc_t* dp = grad_pre[n][j].data_ptr<acc_t>();
+      acc_t dot = hidden_backward<acc_t>(p, dropout_base(p, n, j), p.group * p.hidden, factor,
+                                         hidden_pre[n][j].data_ptr<acc_t>(), s.dy_w2.template data_ptr<acc_t>(),
+                                         hidden_scaled[n][j].data_ptr<acc_t>(), dp, s.keep.template data_ptr<acc_t>());
+      const acc_t* b = b2.data_ptr<acc_t>() + e * p.d_out;
+      for (int64_t c = 0; c < p.d_out; ++c) dot += dy_sum[c] * b[c];
+      grad_gate[n * p.k + j] = acc_t(p.scale) * dot;
+      acc_t* dp_sum = dpre_sums.data_ptr<acc_t>() + (n * p.k + j) * p.hidden;
+      std::fill(dp_sum, dp_sum + p.hidden, acc_t(0));
+      for (int64_t t = 0; t < p.group; ++t) {
+        for (int64_t c = 0; c < p.hidden; ++c) dp_sum[c] += dp[t * p.hidden + c];
+      }
+      if (j == 0) {
+        at::mm_out(dx_unit, grad_pre[n][j], w1[e].t());
+      } else {
+        dx_unit.addmm_(grad_pre[n][j], w1[e].t());
+      }
+    }
+    if (!direct) grad_x.narrow(0, n * p.group, p.group).copy_(s.dx);
   });
 }
 
 // Backward pass B for G >= kUnitPathMinGroup: weight gradients, each summed over its expert's (unit, slot)
 // pairs in `order` sequence by one thread. Tasks are (matrix, expert): task e < E is grad_w1[e], task E + e is
-// grad_w2[e], balanced over the threads by their GEMM count. The first GEMM of a task overwrites, so nothing
+// grad_w2[e], taken from a longest-first work queue. The first GEMM of a task overwrites, so nothing
 // is zero-filled first.
 template <typename acc_t>
 void backward_weights(const Problem& p, const at::Tensor& x, const at::Tensor& grad_y, const acc_t* gate,
@@ -310,36 +319,32 @@ void backward_weights(const Problem& p, const at::Tensor& x, const at::Tensor& g
                       const at::Tensor& hidden_scaled, const at::Tensor& dy_sums, const at::Tensor& dpre_sums,
                       at::Tensor& grad_w1, at::Tensor& grad_b1, at::Tensor& grad_w2, at::Tensor& grad_b2) {
   const auto acc = grad_w1.scalar_type();
-  // Empty experts' tasks (cost 0) are in no bucket: zero their gradients here.
+  // Empty experts (cost 0) are not queued: zero their gradients here.
   for (int64_t e = 0; e < p.experts; ++e) {
     if (off[e] != off[e + 1]) continue;
     grad_w1[e].zero_(), grad_b1[e].zero_(), grad_w2[e].zero_(), grad_b2[e].zero_();
   }
-  const auto buckets = balanced_buckets(expert_costs(p, off, 2));
-  at::parallel_for(0, int64_t(buckets.size()), 1, [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd;
-    for (int64_t b = begin; b < end; ++b) for (const int64_t task : buckets[b]) {
-      const bool first_layer = task < p.experts;
-      const int64_t e = first_layer ? task : task - p.experts;
-      at::Tensor dw = first_layer ? grad_w1[e] : grad_w2[e];
-      const int64_t width = first_layer ? p.hidden : p.d_out;
-      acc_t* db = (first_layer ? grad_b1 : grad_b2).data_ptr<acc_t>() + e * width;
-      std::fill(db, db + width, acc_t(0));
-      for (int64_t q = off[e]; q < off[e + 1]; ++q) {
-        const int64_t n = ord[q] / p.k, j = ord[q] % p.k;
-        const bool first = q == off[e];
-        if (first_layer) {
-          const at::Tensor xs = x.narrow(0, n * p.group, p.group).to(acc);
-          first ? (void)at::mm_out(dw, xs.t(), grad_pre[n][j]) : (void)dw.addmm_(xs.t(), grad_pre[n][j]);
-          const acc_t* s = dpre_sums.data_ptr<acc_t>() + ord[q] * p.hidden;
-          for (int64_t c = 0; c < width; ++c) db[c] += s[c];
-        } else {
-          const at::Tensor dy = grad_y.narrow(0, n * p.group, p.group);
-          first ? (void)at::mm_out(dw, hidden_scaled[n][j].t(), dy) : (void)dw.addmm_(hidden_scaled[n][j].t(), dy);
-          const acc_t factor = acc_t(p.scale) * gate[ord[q]];
-          const acc_t* s = dy_sums.data_ptr<acc_t>() + n * p.d_out;
-          for (int64_t c = 0; c < width; ++c) db[c] += factor * s[c];
-        }
+  for_each_task(tasks_longest_first(expert_costs(p, off, 2)), [] { return 0; }, [&](int, int64_t task) {
+    const bool first_layer = task < p.experts;
+    const int64_t e = first_layer ? task : task - p.experts;
+    at::Tensor dw = first_layer ? grad_w1[e] : grad_w2[e];
+    const int64_t width = first_layer ? p.hidden : p.d_out;
+    acc_t* db = (first_layer ? grad_b1 : grad_b2).data_ptr<acc_t>() + e * width;
+    std::fill(db, db + width, acc_t(0));
+    for (int64_t q = off[e]; q < off[e + 1]; ++q) {
+      const int64_t n = ord[q] / p.k, j = ord[q] % p.k;
+      const bool first = q == off[e];
+      if (first_layer) {
+        const at::Tensor xs = x.narrow(0, n * p.group, p.group).to(acc);
+        first ? (void)at::mm_out(dw, xs.t(), grad_pre[n][j]) : (void)dw.addmm_(xs.t(), grad_pre[n][j]);
+        const acc_t* s = dpre_sums.data_ptr<acc_t>() + ord[q] * p.hidden;
+        for (int64_t c = 0; c < width; ++c) db[c] += s[c];
+      } else {
+        const at::Tensor dy = grad_y.narrow(0, n * p.group, p.group);
+        first ? (void)at::mm_out(dw, hidden_scaled[n][j].t(), dy) : (void)dw.addmm_(hidden_scaled[n][j].t(), dy);
+        const acc_t factor = acc_t(p.scale) * gate[ord[q]];
+        const acc_t* s = dy_sums.data_ptr<acc_t>() + n * p.d_out;
+        for (int64_t c = 0; c < width; ++c) db[c] += factor * s[c];
       }
     }
   });
