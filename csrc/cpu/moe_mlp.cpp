@@ -117,7 +117,8 @@ void forward_by_expert(const Problem& p, const at::Tensor& x, const at::Tensor& 
                        const at::Tensor& b2, at::Tensor& hidden_pre, at::Tensor& y) {
   const auto acc = w1.scalar_type();
   at::Tensor pre_flat = hidden_pre.view({-1, p.hidden});
-  at::Tensor slot_out = at::zeros({p.units * p.k * p.group, p.d_out}, w1.options());
+  // Every (unit, slot) is routed to exactly one expert, so every row of slot_out is written: no zero-fill.
+  at::Tensor slot_out = at::empty({p.units * p.k * p.group, p.d_out}, w1.options());
   for_each_task(tasks_longest_first(expert_costs(p, off, 1)), [] { return 0; }, [&](int, int64_t e) {
     const ExpertRows rows = expert_rows(p, ord, off[e], off[e + 1]);
     const at::Tensor pre = at::addmm(b1[e], (p.per_expert_input ? x[e] : x).index_select(0, rows.x_rows).to(acc),
@@ -146,7 +147,8 @@ void backward_by_expert(const Problem& p, const at::Tensor& x, const at::Tensor&
   const auto acc = w1.scalar_type();
   const at::Tensor pre_flat = hidden_pre.view({-1, p.hidden});
   const at::Tensor grad_y_rows = grad_y.view({-1, p.d_out});
-  at::Tensor slot_dx = p.per_expert_input ? at::Tensor() : at::zeros({p.units * p.k * p.group, p.d_in}, w1.options());
+  // Every row of slot_dx is written (each (unit, slot) has one expert): no zero-fill.
+  at::Tensor slot_dx = p.per_expert_input ? at::Tensor() : at::empty({p.units * p.k * p.group, p.d_in}, w1.options());
   for_each_task(tasks_longest_first(expert_costs(p, off, 1)), [] { return 0; }, [&](int, int64_t e) {
     const ExpertRows rows = expert_rows(p, ord, off[e], off[e + 1]);
     const at::Tensor xe = (p.per_expert_input ? x[e] : x).index_select(0, rows.x_rows).to(acc);
