@@ -1,85 +1,30 @@
 // CPU kernels of fsosr::moe_mlp_fwd / moe_mlp_bwd (contract: docs/ops/moe_mlp.md, "Native op contract").
 //
-// Work is split by routing unit: a unit's G rows are contiguous in x, so each (unit, slot) pair is two BLAS
-// calls on views of x and of the stacked weights, with no gathered [N*k*G, d] copy of x. A unit's output sums
-// its k slots in ascending j in thread-local scratch, so y and grad_x need no atomics. Weight gradients are
-// reduced per expert over its units in `order` sequence by a single thread each: bitwise reproducible.
-#include <ATen/ATen.h>
+// Three paths, chosen by shape (the same rule in forward and backward):
+// - by unit (G >= 16, e.g. per-sample routing): a unit's G rows are contiguous in x, so each (unit, slot) pair
+//   is BLAS calls on views of x, y and the stacked weights, with no gathered [N*k*G, d] copy of x. GEMMs
+//   accumulate straight into the unit's rows of y / grad_x (k slots in ascending j), so no atomics and no
+//   per-unit scratch copies. Weight gradients are reduced per expert over its units in `order` sequence by a
+//   single thread each: bitwise reproducible.
+// - by expert (small G: per-token routing, FSMoE's per-expert inputs): gather each expert's rows, two GEMMs.
+// - dense-masked (small E/k, moe_mlp_dense.cpp): every expert on every row as wide GEMMs.
+#include "moe_mlp.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <cstdint>
+#include <algorithm>
+#include <atomic>
+#include <vector>
 
 namespace fsosr {
 namespace {
 
-// This kernel computes its own gradients: the ATen calls inside it (on views of tensors that may require grad)
-// must not record autograd history. Set in every worker thread, since thread-local dispatch state is per thread.
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
-
-enum Activation : int64_t { kRelu = 0, kGelu = 1, kQuickGelu = 2, kIdentity = 3 };
-
-// SplitMix64 of the counter XOR the seed key: the dropout hash of fsosr/ops/_rng.py, bit for bit.
-inline float dropout_uniform(uint64_t counter, uint64_t seed_key) {
-  uint64_t z = (counter ^ seed_key) * 0x9E3779B97F4A7C15ull + 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return float(z >> 40) * (1.0f / 16777216.0f);
-}
-
-template <typename acc_t>
-inline acc_t activate(acc_t v, int64_t activation) {
-  switch (activation) {
-    case kRelu: return v > 0 ? v : acc_t(0);
-    case kGelu: return acc_t(0.5) * v * (acc_t(1) + std::erf(v * acc_t(M_SQRT1_2)));
-    case kQuickGelu: return v / (acc_t(1) + std::exp(acc_t(-1.702) * v));
-    default: return v;
-  }
-}
-
-template <typename acc_t>
-inline acc_t activation_slope(acc_t v, int64_t activation) {
-  switch (activation) {
-    case kRelu: return v > 0 ? acc_t(1) : acc_t(0);
-    case kGelu:
-      return acc_t(0.5) * (acc_t(1) + std::erf(v * acc_t(M_SQRT1_2))) +
-             v * std::exp(acc_t(-0.5) * v * v) * acc_t(0.3989422804014327);
-    case kQuickGelu: {
-      const acc_t s = acc_t(1) / (acc_t(1) + std::exp(acc_t(-1.702) * v));
-      return s + acc_t(1.702) * v * s * (acc_t(1) - s);
-    }
-    default: return acc_t(1);
-  }
-}
-
-struct Problem {
-  int64_t units, k, group, d_in, hidden, d_out, experts;
-  int64_t activation;
-  double scale, dropout;
-  uint64_t seed_key;
-  bool per_expert_input;
-};
+using namespace moe_cpu;
 
 // The [G, d] block of x that slot (n, j) of expert e reads.
 inline at::Tensor slot_rows(const at::Tensor& x, const Problem& p, int64_t n, int64_t e) {
   return p.per_expert_input ? x[e].narrow(0, n, 1) : x.narrow(0, n * p.group, p.group);
-}
-
-// hid = drop(act(pre)) for one (unit, slot); `keep_scale` = mask / (1 - p) is written when wanted.
-template <typename acc_t>
-void hidden_from_pre(const Problem& p, int64_t n, int64_t j, const acc_t* pre, acc_t* hid, acc_t* keep_scale) {
-  const int64_t count = p.group * p.hidden;
-  const acc_t inv_keep = acc_t(1) / acc_t(1 - p.dropout);
-  const float threshold = float(p.dropout);
-  const uint64_t base = uint64_t((n * p.k + j) * p.group) * uint64_t(p.hidden);
-  for (int64_t i = 0; i < count; ++i) {
-    acc_t m = 1;
-    if (p.dropout > 0) m = dropout_uniform(base + uint64_t(i), p.seed_key) >= threshold ? inv_keep : acc_t(0);
-    hid[i] = activate(pre[i], p.activation) * m;
-    if (keep_scale != nullptr) keep_scale[i] = m;
-  }
 }
 
 Problem make_problem(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& w1, const at::Tensor& w2,
@@ -103,10 +48,46 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& indices, const at::T
   return p;
 }
 
-// Small routing groups (G < kUnitPathMinGroup: per-token routing, FSMoE's per-expert inputs) would make the
-// per-unit path a series of matrix-vector products; they are computed by expert instead: gather the expert's
-// rows into one block, two GEMMs, and scatter results into per-slot buffers that are then summed over slots.
-constexpr int64_t kUnitPathMinGroup = 16;
+// Work queue over the threads: every thread takes the next task as soon as it is free (a shared atomic counter),
+// instead of a static share of the range. A static split stalls on the slowest thread (uneven expert loads, or
+// a thread descheduled on a busy machine: measured 3x slower at 2 threads than at 1 under load). A task is done
+// whole by one thread, so results do not depend on which thread ran it or on the thread count.
+// `run(thread_state, task)` is called with a per-thread object made by `make_state()`.
+template <typename MakeState, typename Run>
+void for_each_task(const std::vector<int64_t>& tasks, const MakeState& make_state, const Run& run) {
+  if (tasks.empty()) return;
+  std::atomic<int64_t> next{0};
+  const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), int64_t(tasks.size()));
+  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+    BelowAutograd below_autograd;
+    auto state = make_state();
+    for (int64_t i = next.fetch_add(1); i < int64_t(tasks.size()); i = next.fetch_add(1)) run(state, tasks[i]);
+  });
+}
+
+std::vector<int64_t> all_tasks(int64_t count) {
+  std::vector<int64_t> tasks(count);
+  for (int64_t i = 0; i < count; ++i) tasks[i] = i;
+  return tasks;
+}
+
+// Non-empty tasks, longest first (ties in index order), so the queue ends with the short ones.
+std::vector<int64_t> tasks_longest_first(const std::vector<int64_t>& costs) {
+  std::vector<int64_t> tasks;
+  for (size_t i = 0; i < costs.size(); ++i) {
+    if (costs[i] > 0) tasks.push_back(int64_t(i));
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [&](int64_t a, int64_t b) { return costs[a] > costs[b]; });
+  return tasks;
+}
+
+// Experts' costs: their number of routed (unit, slot) pairs.
+std::vector<int64_t> expert_costs(const Problem& p, const int64_t* off, int64_t copies) {
+  std::vector<int64_t> costs(p.experts * copies);
+  for (int64_t i = 0; i < p.experts * copies; ++i) costs[i] = off[i % p.experts + 1] - off[i % p.experts];
+  return costs;
+}
+
 
 // Rows of the (unit, slot) pairs routed to one expert: in the flattened [N*k*G, .] per-slot layout (row
 // f*G + t for flat id f = n*k + j), and in x / grad_y (row n*G + t; row n of x[e] for per-expert input).
@@ -136,23 +117,22 @@ void forward_by_expert(const Problem& p, const at::Tensor& x, const at::Tensor& 
                        const at::Tensor& b2, at::Tensor& hidden_pre, at::Tensor& y) {
   const auto acc = w1.scalar_type();
   at::Tensor pre_flat = hidden_pre.view({-1, p.hidden});
-  at::Tensor slot_out = at::zeros({p.units * p.k * p.group, p.d_out}, w1.options());
-  at::parallel_for(0, p.experts, 1, [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd;
-    for (int64_t e = begin; e < end; ++e) {
-      if (off[e] == off[e + 1]) continue;
-      const ExpertRows rows = expert_rows(p, ord, off[e], off[e + 1]);
-      const at::Tensor pre = at::addmm(b1[e], (p.per_expert_input ? x[e] : x).index_select(0, rows.x_rows).to(acc),
-                                       w1[e]);
-      at::Tensor hid = at::empty_like(pre);
-      for (int64_t q = off[e]; q < off[e + 1]; ++q) {
-        const int64_t block = (q - off[e]) * p.group * p.hidden;
-        hidden_from_pre<acc_t>(p, ord[q] / p.k, ord[q] % p.k, pre.data_ptr<acc_t>() + block,
-                               hid.data_ptr<acc_t>() + block, nullptr);
-      }
-      pre_flat.index_copy_(0, rows.slot_rows, pre);
-      slot_out.index_copy_(0, rows.slot_rows, at::addmm(b2[e], hid, w2[e]));
+  // Every (unit, slot) is routed to exactly one expert, so every row of slot_out is written: no zero-fill.
+  at::Tensor slot_out = at::empty({p.units * p.k * p.group, p.d_out}, w1.options());
+  for_each_task(tasks_longest_first(expert_costs(p, off, 1)), [] { return 0; }, [&](int, int64_t e) {
+    const ExpertRows rows = expert_rows(p, ord, off[e], off[e + 1]);
+    const at::Tensor pre = at::addmm(b1[e], (p.per_expert_input ? x[e] : x).index_select(0, rows.x_rows).to(acc),
+                                     w1[e]);
+    at::Tensor hid = at::empty_like(pre), keep = at::empty({p.group * p.hidden}, pre.options());
+    const int64_t block = p.group * p.hidden;
+    for (int64_t q = off[e]; q < off[e + 1]; ++q) {
+      const int64_t s = q - off[e];
+      hidden_forward<acc_t>(p, dropout_base(p, ord[q] / p.k, ord[q] % p.k), block, acc_t(1),
+                            pre.data_ptr<acc_t>() + s * block, hid.data_ptr<acc_t>() + s * block,
+                            keep.data_ptr<acc_t>());
     }
+    pre_flat.index_copy_(0, rows.slot_rows, pre);
+    slot_out.index_copy_(0, rows.slot_rows, at::addmm(b2[e], hid, w2[e]));
   });
   const at::Tensor weights = (gates * p.scale).view({p.units, p.k, 1, 1});
   y.copy_((slot_out.view({p.units, p.k, p.group, p.d_out}) * weights).sum(1).view(y.sizes()));
@@ -167,50 +147,82 @@ void backward_by_expert(const Problem& p, const at::Tensor& x, const at::Tensor&
   const auto acc = w1.scalar_type();
   const at::Tensor pre_flat = hidden_pre.view({-1, p.hidden});
   const at::Tensor grad_y_rows = grad_y.view({-1, p.d_out});
-  at::Tensor slot_dx = p.per_expert_input ? at::Tensor() : at::zeros({p.units * p.k * p.group, p.d_in}, w1.options());
-  at::parallel_for(0, p.experts, 1, [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd;
-    for (int64_t e = begin; e < end; ++e) {
-      if (off[e] == off[e + 1]) continue;
-      const ExpertRows rows = expert_rows(p, ord, off[e], off[e + 1]);
-      const at::Tensor xe = (p.per_expert_input ? x[e] : x).index_select(0, rows.x_rows).to(acc);
-      const at::Tensor dy = grad_y_rows.index_select(0, rows.x_rows);      // y rows are x rows (see ExpertRows)
-      const at::Tensor pre = pre_flat.index_select(0, rows.slot_rows);
-      at::Tensor hid = at::empty_like(pre), keep = at::empty_like(pre);
-      const at::Tensor dy_w2 = dy.mm(w2[e].t());
-      const at::Tensor dy_b2 = dy.mv(b2[e]);
-      at::Tensor dpre = at::empty_like(pre);
-      at::Tensor row_factor = at::empty({pre.size(0), 1}, w1.options());   // scale * gate of each row's slot
-      const int64_t block = p.group * p.hidden;
-      for (int64_t q = off[e]; q < off[e + 1]; ++q) {
-        const int64_t s = q - off[e], n = ord[q] / p.k, j = ord[q] % p.k;
-        const acc_t* pr = pre.data_ptr<acc_t>() + s * block;
-        acc_t* h = hid.data_ptr<acc_t>() + s * block;
-        acc_t* m = keep.data_ptr<acc_t>() + s * block;
-        hidden_from_pre<acc_t>(p, n, j, pr, h, m);
-        const acc_t* dyw = dy_w2.data_ptr<acc_t>() + s * block;
-        acc_t dot = 0;
-        for (int64_t i = 0; i < block; ++i) dot += h[i] * dyw[i];
-        for (int64_t t = 0; t < p.group; ++t) dot += dy_b2.data_ptr<acc_t>()[s * p.group + t];
-        grad_gate[ord[q]] = acc_t(p.scale) * dot;
-        const acc_t factor = acc_t(p.scale) * gate[ord[q]];
-        acc_t* dp = dpre.data_ptr<acc_t>() + s * block;
-        for (int64_t i = 0; i < block; ++i) dp[i] = factor * dyw[i] * m[i] * activation_slope(pr[i], p.activation);
-        for (int64_t t = 0; t < p.group; ++t) row_factor.data_ptr<acc_t>()[s * p.group + t] = factor;
-      }
-      grad_w1[e].copy_(xe.t().mm(dpre));
-      grad_b1[e].copy_(dpre.sum(0));
-      grad_w2[e].copy_((hid * row_factor).t().mm(dy));
-      grad_b2[e].copy_((dy * row_factor).sum(0));
-      const at::Tensor dxe = dpre.mm(w1[e].t());
-      if (p.per_expert_input) {
-        grad_x[e].index_copy_(0, rows.x_rows, dxe);  // a unit picks an expert once: rows are distinct
-      } else {
-        slot_dx.index_copy_(0, rows.slot_rows, dxe);
-      }
+  // Every row of slot_dx is written (each (unit, slot) has one expert): no zero-fill.
+  at::Tensor slot_dx = p.per_expert_input ? at::Tensor() : at::empty({p.units * p.k * p.group, p.d_in}, w1.options());
+  for_each_task(tasks_longest_first(expert_costs(p, off, 1)), [] { return 0; }, [&](int, int64_t e) {
+    const ExpertRows rows = expert_rows(p, ord, off[e], off[e + 1]);
+    const at::Tensor xe = (p.per_expert_input ? x[e] : x).index_select(0, rows.x_rows).to(acc);
+    const at::Tensor dy = grad_y_rows.index_select(0, rows.x_rows);      // y rows are x rows (see ExpertRows)
+    const at::Tensor pre = pre_flat.index_select(0, rows.slot_rows);
+    at::Tensor hid = at::empty_like(pre), keep = at::empty({p.group * p.hidden}, pre.options());
+    const at::Tensor dy_w2 = dy.mm(w2[e].t());
+    const at::Tensor dy_b2 = dy.mv(b2[e]);
+    at::Tensor dpre = at::empty_like(pre);
+    at::Tensor row_factor = at::empty({pre.size(0), 1}, w1.options());   // scale * gate of each row's slot
+    const int64_t block = p.group * p.hidden;
+    for (int64_t q = off[e]; q < off[e + 1]; ++q) {
+      const int64_t s = q - off[e], n = ord[q] / p.k, j = ord[q] % p.k;
+      const acc_t factor = acc_t(p.scale) * gate[ord[q]];
+      // hid is stored times scale * gate: the grad_w2 GEMM below then needs no row scaling.
+      acc_t dot = hidden_backward<acc_t>(p, dropout_base(p, n, j), block, factor, pre.data_ptr<acc_t>() + s * block,
+                                         dy_w2.data_ptr<acc_t>() + s * block, hid.data_ptr<acc_t>() + s * block,
+                                         dpre.data_ptr<acc_t>() + s * block, keep.data_ptr<acc_t>());
+      for (int64_t t = 0; t < p.group; ++t) dot += dy_b2.data_ptr<acc_t>()[s * p.group + t];
+      grad_gate[ord[q]] = acc_t(p.scale) * dot;
+      for (int64_t t = 0; t < p.group; ++t) row_factor.data_ptr<acc_t>()[s * p.group + t] = factor;
+    }
+    grad_w1[e].copy_(xe.t().mm(dpre));
+    grad_b1[e].copy_(dpre.sum(0));
+    grad_w2[e].copy_(hid.t().mm(dy));
+    grad_b2[e].copy_((dy * row_factor).sum(0));
+    const at::Tensor dxe = dpre.mm(w1[e].t());
+    if (p.per_expert_input) {
+      grad_x[e].index_copy_(0, rows.x_rows, dxe);  // a unit picks an expert once: rows are distinct
+    } else {
+      slot_dx.index_copy_(0, rows.slot_rows, dxe);
     }
   });
   if (!p.per_expert_input) grad_x.copy_(slot_dx.view({p.units, p.k, p.group, p.d_in}).sum(1).view(grad_x.sizes()));
+}
+
+// y for G >= kUnitPathMinGroup, by unit: y rows of unit n = bias row + sum_j (scale*g_j*hid_j) @ w2[e_j].
+template <typename acc_t>
+void forward_by_unit(const Problem& p, const at::Tensor& x, const int64_t* idx, const acc_t* gate,
+                     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                     at::Tensor& hidden_pre, at::Tensor& y) {
+  const auto acc = w1.scalar_type();
+  const bool direct = y.scalar_type() == acc;  // else the unit's rows are summed in scratch, then converted
+  const acc_t* b2_data = b2.data_ptr<acc_t>();
+  struct Scratch {
+    at::Tensor hid, keep, out;
+    std::vector<acc_t> bias;
+  };
+  auto make_scratch = [&] {
+    return Scratch{at::empty({p.group, p.hidden}, w1.options()), at::empty({p.group * p.hidden}, w1.options()),
+                   direct ? at::Tensor() : at::empty({p.group, p.d_out}, w1.options()), std::vector<acc_t>(p.d_out)};
+  };
+  for_each_task(all_tasks(p.units), make_scratch, [&](Scratch& s, int64_t n) {
+    at::Tensor y_unit = direct ? y.narrow(0, n * p.group, p.group) : s.out;
+    // The b2 terms of all k slots are one row, written to every token before the GEMMs accumulate onto it.
+    std::vector<acc_t>& bias = s.bias;
+    std::fill(bias.begin(), bias.end(), acc_t(0));
+    for (int64_t j = 0; j < p.k; ++j) {
+      const acc_t coef = acc_t(p.scale) * gate[n * p.k + j];
+      const acc_t* b = b2_data + idx[n * p.k + j] * p.d_out;
+      for (int64_t c = 0; c < p.d_out; ++c) bias[c] += coef * b[c];
+    }
+    acc_t* out = y_unit.data_ptr<acc_t>();
+    for (int64_t t = 0; t < p.group; ++t) std::copy(bias.begin(), bias.end(), out + t * p.d_out);
+    for (int64_t j = 0; j < p.k; ++j) {
+      const int64_t e = idx[n * p.k + j];
+      at::Tensor pre = hidden_pre[n][j];
+      at::addmm_out(pre, b1[e], slot_rows(x, p, n, e).to(acc), w1[e]);
+      hidden_forward<acc_t>(p, dropout_base(p, n, j), p.group * p.hidden, acc_t(p.scale) * gate[n * p.k + j],
+                            pre.data_ptr<acc_t>(), s.hid.template data_ptr<acc_t>(), s.keep.template data_ptr<acc_t>());
+      y_unit.addmm_(s.hid, w2[e]);
+    }
+    if (!direct) y.narrow(0, n * p.group, p.group).copy_(s.out);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd_cpu(
@@ -230,36 +242,119 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd_cpu(
   at::Tensor y = at::empty(per_expert_input ? std::vector<int64_t>{p.units, p.d_out}
                                             : std::vector<int64_t>{p.units * p.group, p.d_out},
                            x.options());
+  if (use_dense_masked(p)) {
+    dense_forward(p, x, indices, gates, w1, b1, w2, b2, hidden_pre, y);
+    return {y, hidden_pre};
+  }
   AT_DISPATCH_FLOATING_TYPES(acc, "moe_mlp_fwd_cpu", [&] {
     using acc_t = scalar_t;
     if (p.group < kUnitPathMinGroup) {
       const at::Tensor ord = order.to(at::kLong).contiguous(), off = offsets.to(at::kLong).contiguous();
       forward_by_expert<acc_t>(p, x, gates, ord.data_ptr<int64_t>(), off.data_ptr<int64_t>(), w1, b1, w2, b2,
                                hidden_pre, y);
-      return;
+    } else {
+      forward_by_unit<acc_t>(p, x, indices.data_ptr<int64_t>(), gates.data_ptr<acc_t>(), w1, b1, w2, b2,
+                             hidden_pre, y);
     }
-    const int64_t* idx = indices.data_ptr<int64_t>();
-    const acc_t* gate = gates.data_ptr<acc_t>();
-    at::parallel_for(0, p.units, 1, [&](int64_t begin, int64_t end) {
-      BelowAutograd below_autograd;
-      at::Tensor hid = at::empty({p.group, p.hidden}, w1.options());
-      at::Tensor out = at::empty({p.group, p.d_out}, w1.options());
-      at::Tensor y_unit = at::empty({p.group, p.d_out}, w1.options());
-      for (int64_t n = begin; n < end; ++n) {
-        y_unit.zero_();
-        for (int64_t j = 0; j < p.k; ++j) {
-          const int64_t e = idx[n * p.k + j];
-          at::Tensor pre = hidden_pre[n][j];
-          at::addmm_out(pre, b1[e], slot_rows(x, p, n, e).to(acc), w1[e]);
-          hidden_from_pre<acc_t>(p, n, j, pre.data_ptr<acc_t>(), hid.data_ptr<acc_t>(), nullptr);
-          at::addmm_out(out, b2[e], hid, w2[e]);
-          y_unit.add_(out, p.scale * double(gate[n * p.k + j]));
-        }
-        (per_expert_input ? y.narrow(0, n, 1) : y.narrow(0, n * p.group, p.group)).copy_(y_unit);
-      }
-    });
   });
   return {y, hidden_pre};
+}
+
+// Backward pass A for G >= kUnitPathMinGroup, by unit: grad_gates, grad_pre (d loss / d pre-activation),
+// hidden_scaled (scale * gate * drop(act(pre)), for grad_w2), the column sums of grad_y per unit and of
+// grad_pre per slot (for the bias gradients), and grad_x, whose k slots accumulate into the unit's rows.
+template <typename acc_t>
+void backward_units(const Problem& p, const at::Tensor& x, const at::Tensor& grad_y, const int64_t* idx,
+                    const acc_t* gate, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& b2,
+                    const at::Tensor& hidden_pre, at::Tensor& grad_x, acc_t* grad_gate, at::Tensor& grad_pre,
+                    at::Tensor& hidden_scaled, at::Tensor& dy_sums, at::Tensor& dpre_sums) {
+  const bool direct = grad_x.scalar_type() == w1.scalar_type();
+  struct Scratch {
+    at::Tensor dy_w2, keep, dx;
+  };
+  auto make_scratch = [&] {
+    return Scratch{at::empty({p.group, p.hidden}, w1.options()), at::empty({p.group * p.hidden}, w1.options()),
+                   direct ? at::Tensor() : at::empty({p.group, p.d_in}, w1.options())};
+  };
+  for_each_task(all_tasks(p.units), make_scratch, [&](Scratch& s, int64_t n) {
+    const at::Tensor dy = grad_y.narrow(0, n * p.group, p.group);
+    const acc_t* dy_data = dy.data_ptr<acc_t>();
+    acc_t* dy_sum = dy_sums.data_ptr<acc_t>() + n * p.d_out;
+    std::fill(dy_sum, dy_sum + p.d_out, acc_t(0));
+    for (int64_t t = 0; t < p.group; ++t) {
+      for (int64_t c = 0; c < p.d_out; ++c) dy_sum[c] += dy_data[t * p.d_out + c];
+    }
+    at::Tensor dx_unit = direct ? grad_x.narrow(0, n * p.group, p.group) : s.dx;
+    for (int64_t j = 0; j < p.k; ++j) {
+      const int64_t e = idx[n * p.k + j];
+      at::mm_out(s.dy_w2, dy, w2[e].t());
+      const acc_t factor = acc_t(p.scale) * gate[n * p.k + j];
+      acc_t* dp = grad_pre[n][j].data_ptr<acc_t>();
+      acc_t dot = hidden_backward<acc_t>(p, dropout_base(p, n, j), p.group * p.hidden, factor,
+                                         hidden_pre[n][j].data_ptr<acc_t>(), s.dy_w2.template data_ptr<acc_t>(),
+                                         hidden_scaled[n][j].data_ptr<acc_t>(), dp, s.keep.template data_ptr<acc_t>());
+      const acc_t* b = b2.data_ptr<acc_t>() + e * p.d_out;
+      for (int64_t c = 0; c < p.d_out; ++c) dot += dy_sum[c] * b[c];
+      grad_gate[n * p.k + j] = acc_t(p.scale) * dot;
+      acc_t* dp_sum = dpre_sums.data_ptr<acc_t>() + (n * p.k + j) * p.hidden;
+      std::fill(dp_sum, dp_sum + p.hidden, acc_t(0));
+      for (int64_t t = 0; t < p.group; ++t) {
+        for (int64_t c = 0; c < p.hidden; ++c) dp_sum[c] += dp[t * p.hidden + c];
+      }
+      if (j == 0) {
+        at::mm_out(dx_unit, grad_pre[n][j], w1[e].t());
+      } else {
+        dx_unit.addmm_(grad_pre[n][j], w1[e].t());
+      }
+    }
+    if (!direct) grad_x.narrow(0, n * p.group, p.group).copy_(s.dx);
+  });
+}
+
+// Backward pass B for G >= kUnitPathMinGroup: weight gradients, each summed over its expert's (unit, slot)
+// pairs in `order` sequence by one thread. Tasks are (matrix, expert): task e < E is grad_w1[e], task E + e is
+// grad_w2[e], taken from a longest-first work queue. The first GEMM of a task overwrites, so nothing
+// is zero-filled first.
+template <typename acc_t>
+void backward_weights(const Problem& p, const at::Tensor& x, const at::Tensor& grad_y, const acc_t* gate,
+                      const int64_t* ord, const int64_t* off, const at::Tensor& grad_pre,
+                      const at::Tensor& hidden_scaled, const at::Tensor& dy_sums, const at::Tensor& dpre_sums,
+                      at::Tensor& grad_w1, at::Tensor& grad_b1, at::Tensor& grad_w2, at::Tensor& grad_b2) {
+  const auto acc = grad_w1.scalar_type();
+  // Empty experts (cost 0) are not queued: zero their gradients here, with plain fills (each ATen zero_ would be
+  // a parallel region of its own, which costs a scheduler time slice when the other core is busy).
+  auto zero_rows = [](at::Tensor& t, int64_t e) {
+    acc_t* begin = t.data_ptr<acc_t>() + e * t.stride(0);
+    std::fill(begin, begin + t.stride(0), acc_t(0));
+  };
+  for (int64_t e = 0; e < p.experts; ++e) {
+    if (off[e] != off[e + 1]) continue;
+    zero_rows(grad_w1, e), zero_rows(grad_b1, e), zero_rows(grad_w2, e), zero_rows(grad_b2, e);
+  }
+  for_each_task(tasks_longest_first(expert_costs(p, off, 2)), [] { return 0; }, [&](int, int64_t task) {
+    const bool first_layer = task < p.experts;
+    const int64_t e = first_layer ? task : task - p.experts;
+    at::Tensor dw = first_layer ? grad_w1[e] : grad_w2[e];
+    const int64_t width = first_layer ? p.hidden : p.d_out;
+    acc_t* db = (first_layer ? grad_b1 : grad_b2).data_ptr<acc_t>() + e * width;
+    std::fill(db, db + width, acc_t(0));
+    for (int64_t q = off[e]; q < off[e + 1]; ++q) {
+      const int64_t n = ord[q] / p.k, j = ord[q] % p.k;
+      const bool first = q == off[e];
+      if (first_layer) {
+        const at::Tensor xs = x.narrow(0, n * p.group, p.group).to(acc);
+        first ? (void)at::mm_out(dw, xs.t(), grad_pre[n][j]) : (void)dw.addmm_(xs.t(), grad_pre[n][j]);
+        const acc_t* s = dpre_sums.data_ptr<acc_t>() + ord[q] * p.hidden;
+        for (int64_t c = 0; c < width; ++c) db[c] += s[c];
+      } else {
+        const at::Tensor dy = grad_y.narrow(0, n * p.group, p.group);
+        first ? (void)at::mm_out(dw, hidden_scaled[n][j].t(), dy) : (void)dw.addmm_(hidden_scaled[n][j].t(), dy);
+        const acc_t factor = acc_t(p.scale) * gate[ord[q]];
+        const acc_t* s = dy_sums.data_ptr<acc_t>() + n * p.d_out;
+        for (int64_t c = 0; c < width; ++c) db[c] += factor * s[c];
+      }
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_bwd_cpu(
@@ -276,87 +371,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor grad_y = grad_y_in.to(acc).contiguous(), hidden_pre = hidden_pre_in.to(acc).contiguous();
   const at::Tensor indices = indices_in.to(at::kLong).contiguous(), gates = gates_in.to(acc).contiguous();
   const at::Tensor order = order_in.to(at::kLong).contiguous(), offsets = offsets_in.to(at::kLong).contiguous();
-  at::Tensor grad_x = per_expert_input ? at::zeros_like(x, x.options().dtype(acc)) : at::empty_like(x, x.options().dtype(acc));
+  const bool dense = use_dense_masked(p);
+  const bool unit_path = p.group >= kUnitPathMinGroup && !dense;
+  // grad_x is written in x's dtype directly where that is the accumulation type (the unit path's GEMMs
+  // accumulate into it); the by-expert path needs zeros (per-expert input rows not picked stay 0).
+  at::Tensor grad_x = unit_path || dense ? at::empty_like(x) : at::zeros_like(x, x.options().dtype(acc));
   at::Tensor grad_gates = at::empty({p.units, p.k}, gates.options());
-  at::Tensor grad_pre = at::empty_like(hidden_pre);  // d loss / d pre-activation of every (unit, slot, token)
-  at::Tensor hidden = at::empty_like(hidden_pre);    // drop(act(pre)), recomputed once in pass A
-  at::Tensor grad_w1 = at::zeros_like(w1), grad_b1 = at::zeros({p.experts, p.hidden}, w1.options());
-  at::Tensor grad_w2 = at::zeros_like(w2), grad_b2 = at::zeros_like(b2);
-  AT_DISPATCH_FLOATING_TYPES(acc, "moe_mlp_bwd_cpu", [&] {
-    using acc_t = scalar_t;
-    const int64_t* idx = indices.data_ptr<int64_t>();
-    const acc_t* gate = gates.data_ptr<acc_t>();
-    acc_t* grad_gate = grad_gates.data_ptr<acc_t>();
-    const int64_t count = p.group * p.hidden;
-    if (p.group < kUnitPathMinGroup) {
-      backward_by_expert<acc_t>(p, x, grad_y, gate, order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), w1, w2,
-                                b2, hidden_pre, grad_x, grad_gate, grad_w1, grad_b1, grad_w2, grad_b2);
-      return;
-    }
-    // Pass A, by unit: grad_gates, grad_pre and grad_x (the unit's k slots summed in ascending j).
-    at::parallel_for(0, p.units, 1, [&](int64_t begin, int64_t end) {
-      BelowAutograd below_autograd;
-      at::Tensor keep = at::empty({p.group, p.hidden}, w1.options());
-      at::Tensor dy_w2 = at::empty_like(keep);
-      at::Tensor dx_unit = at::empty({p.group, p.d_in}, w1.options());
-      for (int64_t n = begin; n < end; ++n) {
-        const at::Tensor dy = per_expert_input ? grad_y.narrow(0, n, 1) : grad_y.narrow(0, n * p.group, p.group);
-        const at::Tensor dy_sum = dy.sum(0);
-        dx_unit.zero_();
-        for (int64_t j = 0; j < p.k; ++j) {
-          const int64_t e = idx[n * p.k + j];
-          const acc_t* pre = hidden_pre[n][j].data_ptr<acc_t>();
-          at::Tensor hid = hidden[n][j];  // kept for pass B (the dropout hash is evaluated once per backward)
-          hidden_from_pre<acc_t>(p, n, j, pre, hid.data_ptr<acc_t>(), keep.data_ptr<acc_t>());
-          at::mm_out(dy_w2, dy, w2[e].t());
-          const acc_t* dyw = dy_w2.data_ptr<acc_t>();
-          const acc_t* h = hid.data_ptr<acc_t>();
-          const acc_t* m = keep.data_ptr<acc_t>();
-          acc_t dot = 0;
-          for (int64_t i = 0; i < count; ++i) dot += h[i] * dyw[i];
-          dot += dy_sum.dot(b2[e]).template item<acc_t>();
-          grad_gate[n * p.k + j] = acc_t(p.scale) * dot;
-          at::Tensor dpre = grad_pre[n][j];
-          acc_t* dp = dpre.data_ptr<acc_t>();
-          const acc_t factor = acc_t(p.scale) * gate[n * p.k + j];
-          for (int64_t i = 0; i < count; ++i) dp[i] = factor * dyw[i] * m[i] * activation_slope(pre[i], p.activation);
-          if (per_expert_input) {
-            grad_x[e].narrow(0, n, 1).addmm_(dpre, w1[e].t());  // a unit picks an expert once: no overlap
-          } else {
-            dx_unit.addmm_(dpre, w1[e].t());
-          }
-        }
-        if (!per_expert_input) grad_x.narrow(0, n * p.group, p.group).copy_(dx_unit);
+  at::Tensor grad_w1 = at::empty_like(w1), grad_b1 = at::empty({p.experts, p.hidden}, w1.options());
+  at::Tensor grad_w2 = at::empty_like(w2), grad_b2 = at::empty_like(b2);
+  if (dense) {
+    dense_backward(p, x, grad_y, indices, gates, w1, w2, b2, hidden_pre, grad_x, grad_gates, grad_w1, grad_b1,
+                   grad_w2, grad_b2);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(acc, "moe_mlp_bwd_cpu", [&] {
+      using acc_t = scalar_t;
+      const acc_t* gate = gates.data_ptr<acc_t>();
+      acc_t* grad_gate = grad_gates.data_ptr<acc_t>();
+      const int64_t* ord = order.data_ptr<int64_t>();
+      const int64_t* off = offsets.data_ptr<int64_t>();
+      if (!unit_path) {
+        grad_w1.zero_(), grad_b1.zero_(), grad_w2.zero_(), grad_b2.zero_();  // empty experts keep zeros
+        backward_by_expert<acc_t>(p, x, grad_y, gate, ord, off, w1, w2, b2, hidden_pre, grad_x, grad_gate, grad_w1,
+                                  grad_b1, grad_w2, grad_b2);
+        return;
       }
+      at::Tensor grad_pre = at::empty_like(hidden_pre), hidden_scaled = at::empty_like(hidden_pre);
+      at::Tensor dy_sums = at::empty({p.units, p.d_out}, w1.options());
+      at::Tensor dpre_sums = at::empty({p.units, p.k, p.hidden}, w1.options());
+      backward_units<acc_t>(p, x, grad_y, indices.data_ptr<int64_t>(), gate, w1, w2, b2, hidden_pre, grad_x,
+                            grad_gate, grad_pre, hidden_scaled, dy_sums, dpre_sums);
+      backward_weights<acc_t>(p, x, grad_y, gate, ord, off, grad_pre, hidden_scaled, dy_sums, dpre_sums, grad_w1,
+                              grad_b1, grad_w2, grad_b2);
     });
-    // Pass B: weight gradients, each summed over its expert's (unit, slot) pairs in `order` sequence by one
-    // thread. Tasks are (matrix, expert) with the E grad_w1 tasks first and the E grad_w2 tasks second, so the
-    // static split of the task range gives both threads equal GEMM work even when expert loads are skewed.
-    const int64_t* ord = order.data_ptr<int64_t>();
-    const int64_t* off = offsets.data_ptr<int64_t>();
-    at::parallel_for(0, 2 * p.experts, 1, [&](int64_t begin, int64_t end) {
-      BelowAutograd below_autograd;
-      for (int64_t task = begin; task < end; ++task) {
-        const bool first_layer = task < p.experts;
-        const int64_t e = first_layer ? task : task - p.experts;
-        for (int64_t q = off[e]; q < off[e + 1]; ++q) {
-          const int64_t n = ord[q] / p.k, j = ord[q] % p.k;
-          if (first_layer) {
-            const at::Tensor dpre = grad_pre[n][j];
-            grad_w1[e].addmm_(slot_rows(x, p, n, e).to(acc).t(), dpre);
-            grad_b1[e].add_(dpre.sum(0));
-          } else {
-            const at::Tensor dy = per_expert_input ? grad_y.narrow(0, n, 1) : grad_y.narrow(0, n * p.group, p.group);
-            const double factor = p.scale * double(gate[n * p.k + j]);
-            grad_w2[e].addmm_(hidden[n][j].t(), dy, /*beta=*/1, /*alpha=*/factor);
-            grad_b2[e].add_(dy.sum(0), factor);
-          }
-        }
-      }
-    });
-  });
-  const auto wt = w1_in.scalar_type();
-  return {grad_x.to(x_in.scalar_type()), grad_gates.to(gates_in.scalar_type()), grad_w1.to(wt),
+  }
+  return {grad_x.to(x_in.scalar_type()), grad_gates.to(gates_in.scalar_type()), grad_w1.to(w1_in.scalar_type()),
           grad_b1.to(b1_in.scalar_type()), grad_w2.to(w2_in.scalar_type()), grad_b2.to(b2_in.scalar_type())};
 }
 

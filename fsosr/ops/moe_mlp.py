@@ -3,7 +3,8 @@
 Two input forms: a shared input whose routing units are G consecutive rows (MoE-Adapters4CL: G = tokens per
 sample; per-token MoE: G = 1), and FSMoE's per-expert inputs (``moe_mlp_per_expert_input``).
 
-Backends: ``reference`` (the seeds' per-expert loop), ``cpu`` (C++, ``fsosr::moe_mlp_fwd``/``_bwd``) and
+Backends: ``reference`` (the seeds' per-expert loop), ``cpu`` (C++, ``fsosr::moe_mlp_fwd``/``_bwd``; routed or
+dense-masked by a shape rule, docs/ops/moe_mlp.md; ``FSOSR_MOE_MLP_PATH=routed|dense`` forces one),
 ``triton`` (``fsosr::moe_mlp_fwd_triton``/``_bwd_triton``, kernels in ``fsosr._triton.moe_mlp``) and ``cuda``
 (``fsosr::moe_mlp_fwd``/``_bwd`` on CUDA tensors, csrc/cuda/moe_mlp_*; compiled, not yet run on a GPU).
 """

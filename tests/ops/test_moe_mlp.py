@@ -249,6 +249,59 @@ def test_cpu_opcheck_and_compile(group_size):
         torch.testing.assert_close(g, eg)
 
 
+# ------------------------------------------------------------------------------- cpu: routed and dense-masked paths
+# The cpu backend picks the dense-masked formulation by shape (csrc/cpu/moe_mlp_dense.cpp, use_dense_masked):
+# k == E, or G < 16 with E/k <= 1.5. FSOSR_MOE_MLP_PATH=dense|routed forces a path. Cases on both sides of the
+# rule: (E, k, G, N, per-expert input, the path the rule picks).
+PATH_CASES = [
+    (2, 2, 1, 40, False, "dense"), (3, 2, 1, 40, False, "dense"), (4, 2, 1, 40, False, "routed"),
+    (2, 2, 17, 3, False, "dense"), (3, 2, 17, 3, False, "routed"), (7, 1, 17, 3, False, "routed"),
+    (6, 5, 1, 7, True, "dense"), (11, 5, 1, 7, True, "routed"),
+]
+PATH_IDS = [f"E{e}-k{k}-G{g}-{'per_expert' if pe else 'shared'}-{path}" for e, k, g, _, pe, path in PATH_CASES]
+
+
+@pytest.mark.skipif("cpu" not in NATIVE, reason="cpu backend not built")
+@pytest.mark.parametrize("path", ["dense", "routed"])
+@pytest.mark.parametrize("e,k,g,n,per_expert,_rule", PATH_CASES, ids=PATH_IDS)
+def test_cpu_paths_match_fp64_reference(monkeypatch, path, e, k, g, n, per_expert, _rule):
+    # fp64 end to end, dropout on (its mask is recomputed in backward), gradients into the routing logits too.
+    monkeypatch.setenv("FSOSR_MOE_MLP_PATH", path)
+    fn = native_fn(g, "gelu", 0.25, per_expert)
+    fn.k = k
+    inputs = native_inputs(e, 13, 10, g, n, torch.float64, per_expert=per_expert, seed=e * 10 + k)
+    testing.compare_with_reference(fn, inputs, backend="cpu", grad_outputs=[0], names=["y"], atol=1e-10,
+                                   rtol=1e-9)
+
+
+def _cpu_run(monkeypatch, path, fn, inputs):
+    if path is None:
+        monkeypatch.delenv("FSOSR_MOE_MLP_PATH", raising=False)
+    else:
+        monkeypatch.setenv("FSOSR_MOE_MLP_PATH", path)
+    weights = [torch.randn(fn(*inputs, backend="cpu")[0].shape, generator=torch.Generator().manual_seed(2),
+                           dtype=torch.float64)]
+    outputs, grads = testing.run_with_grads(fn, inputs, "cpu", [0], weights)
+    return list(outputs) + [g for g in grads if g is not None]
+
+
+@pytest.mark.skipif("cpu" not in NATIVE, reason="cpu backend not built")
+@pytest.mark.parametrize("e,k,g,n,per_expert,rule", PATH_CASES, ids=PATH_IDS)
+def test_cpu_automatic_path_follows_the_shape_rule(monkeypatch, e, k, g, n, per_expert, rule):
+    # The two paths round differently in fp32 (different GEMM shapes and summation orders), so the automatic
+    # choice is identified by being bitwise equal to the forced path the rule names, and not to the other one.
+    fn = native_fn(g, "relu", 0.1, per_expert)
+    fn.k = k
+    inputs = native_inputs(e, 64, 48, g, n, torch.float32, per_expert=per_expert, seed=7)
+    auto = _cpu_run(monkeypatch, None, fn, inputs)
+    chosen = _cpu_run(monkeypatch, rule, fn, inputs)
+    other = _cpu_run(monkeypatch, "routed" if rule == "dense" else "dense", fn, inputs)
+    assert all(torch.equal(a, c) for a, c in zip(auto, chosen))
+    assert not all(torch.equal(a, o) for a, o in zip(auto, other))
+    for a, o in zip(auto, other):  # and both are the same function
+        torch.testing.assert_close(a, o, atol=1e-4, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

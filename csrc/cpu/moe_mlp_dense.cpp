@@ -1,0 +1,153 @@
+// The dense-masked formulation of the CPU moe_mlp (declared in moe_mlp.h): every expert runs on every row as
+// a few wide GEMMs (x @ [w1 of all experts], then [hidden of all experts] @ [w2 of all experts]); the hidden
+// columns of experts a unit did not pick are zero, so they add nothing to y and get no gradient. It costs E/k
+// times the routed FLOPs but no gathers and no per-unit GEMM calls, so it wins where E/k is small or the
+// routed GEMMs are too small to run at BLAS speed (see use_dense_masked and docs/ops/moe_mlp.md).
+//
+// Same contract as the routed path: the saved tensor is hidden_pre [N, k, G, h] of the picked slots only, and
+// dropout masks come from the same counters. Layout of the dense [rows, experts, h] buffers:
+// shared input  x [N*G, d]: buffer [N*G, E, h] (row-major over rows, one GEMM over all E*h columns);
+// per-expert input x [E, N, d]: buffer [E, N, h] (one batched GEMM, expert e over its own rows).
+#include "moe_mlp.h"
+
+#include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace fsosr {
+namespace moe_cpu {
+namespace {
+
+struct DenseLayout {
+  int64_t row_stride, expert_stride;  // offset of (row r, expert e) in a dense hidden buffer: r*rs + e*es
+};
+
+DenseLayout layout_of(const Problem& p) {
+  if (p.per_expert_input) return {p.hidden, p.units * p.hidden};
+  return {p.experts * p.hidden, p.hidden};
+}
+
+// [N, E] gates times scale, zero off the top-k (the dense formulation's mask).
+at::Tensor dense_gates(const Problem& p, const at::Tensor& indices, const at::Tensor& gates) {
+  return at::zeros({p.units, p.experts}, gates.options()).scatter_(1, indices, gates * p.scale);
+}
+
+// Hidden epilogues of the picked (unit, slot) blocks, row by row (a block's rows are strided in the dense
+// buffer). Forward: copy pre into hidden_pre and write hid; backward: also dpre, hid * gate and grad_gates.
+template <typename acc_t>
+void dense_epilogue(const Problem& p, const int64_t* idx, const acc_t* gate, acc_t* dense_a, acc_t* dense_b,
+                    acc_t* dense_c, acc_t* hidden_pre, const acc_t* dy_sums, const acc_t* b2, acc_t* grad_gate) {
+  const DenseLayout lay = layout_of(p);
+  const bool backward = grad_gate != nullptr;
+  at::parallel_for(0, p.units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> keep(p.hidden);
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t j = 0; j < p.k; ++j) {
+        const int64_t e = idx[n * p.k + j];
+        const acc_t coef = acc_t(p.scale) * gate[n * p.k + j];
+        acc_t dot = 0;
+        for (int64_t t = 0; t < p.group; ++t) {
+          const int64_t at_dense = (n * p.group + t) * lay.row_stride + e * lay.expert_stride;
+          acc_t* pre = hidden_pre + ((n * p.k + j) * p.group + t) * p.hidden;
+          const uint64_t base = dropout_base(p, n, j) + uint64_t(t * p.hidden);
+          if (!backward) {  // dense_a: pre (read), dense_b: hid (written)
+            std::memcpy(pre, dense_a + at_dense, sizeof(acc_t) * p.hidden);
+            hidden_forward<acc_t>(p, base, p.hidden, coef, pre, dense_b + at_dense, keep.data());
+          } else {  // dense_a: dy @ w2^T (read), dense_b: dpre, dense_c: hid * scale * gate (written)
+            dot += hidden_backward<acc_t>(p, base, p.hidden, coef, pre, dense_a + at_dense, dense_c + at_dense,
+                                          dense_b + at_dense, keep.data());
+          }
+        }
+        if (backward) {
+          const acc_t* s = dy_sums + n * p.d_out;
+          const acc_t* b = b2 + e * p.d_out;
+          for (int64_t c = 0; c < p.d_out; ++c) dot += s[c] * b[c];
+          grad_gate[n * p.k + j] = acc_t(p.scale) * dot;
+        }
+      }
+    }
+  });
+}
+
+// w1 [E, d, h] as one [d, E*h] matrix (column block e = expert e), the shared-input form's first GEMM operand.
+at::Tensor w1_wide(const at::Tensor& w1) { return w1.permute({1, 0, 2}).reshape({w1.size(1), -1}); }
+
+}  // namespace
+
+bool use_dense_masked(const Problem& p) {
+  // FSOSR_MOE_MLP_PATH=dense|routed forces a path (benchmarks and tests compare both at one shape).
+  if (const char* forced = std::getenv("FSOSR_MOE_MLP_PATH")) {
+    if (std::strcmp(forced, "dense") == 0) return true;
+    if (std::strcmp(forced, "routed") == 0) return false;
+  }
+  // Measured on a 2-core AVX-512 machine (table in docs/ops/moe_mlp.md): with k == E there is nothing to route
+  // and the dense GEMMs win or tie at every shape. Otherwise dense costs E/k times the routed FLOPs; that only
+  // pays off where the routed path is slow, i.e. for small groups (per-token routing, per-expert inputs: row
+  // gathers, small per-expert GEMMs, weight-bandwidth-bound), and there only up to E/k = 1.5. For groups of
+  // >= 16 rows (per-sample routing) the routed GEMMs run at full BLAS speed and dense already loses at E/k = 2.
+  if (p.k == p.experts) return true;
+  return p.group < kUnitPathMinGroup && 2 * p.experts <= 3 * p.k;
+}
+
+void dense_forward(const Problem& p, const at::Tensor& x, const at::Tensor& indices, const at::Tensor& gates,
+                   const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                   at::Tensor& hidden_pre, at::Tensor& y) {
+  const auto acc = w1.scalar_type();
+  const at::Tensor xa = x.to(acc);
+  const at::Tensor pre = p.per_expert_input ? at::baddbmm(b1.unsqueeze(1), xa, w1)           // [E, N, h]
+                                            : at::addmm(b1.reshape({-1}), xa, w1_wide(w1));  // [N*G, E*h]
+  at::Tensor hid = at::zeros_like(pre);  // unpicked experts' hidden units stay 0
+  AT_DISPATCH_FLOATING_TYPES(acc, "moe_mlp_dense_fwd", [&] {
+    dense_epilogue<scalar_t>(p, indices.data_ptr<int64_t>(), gates.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(),
+                             hid.data_ptr<scalar_t>(), nullptr, hidden_pre.data_ptr<scalar_t>(), nullptr, nullptr,
+                             nullptr);
+  });
+  // The b2 terms: one row per unit, sum_e scale * gate_e * b2[e].
+  const at::Tensor bias = dense_gates(p, indices, gates).mm(b2);  // [N, d_out]
+  if (p.per_expert_input) {
+    y.copy_(at::bmm(hid, w2).sum(0) + bias);
+    return;
+  }
+  at::Tensor out = y.scalar_type() == acc ? y : at::empty(y.sizes(), y.options().dtype(acc));
+  out.view({p.units, p.group, p.d_out}).copy_(bias.unsqueeze(1).expand({p.units, p.group, p.d_out}));
+  out.addmm_(hid, w2.reshape({-1, p.d_out}));
+  if (!out.is_same(y)) y.copy_(out);
+}
+
+void dense_backward(const Problem& p, const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& indices,
+                    const at::Tensor& gates, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& b2,
+                    const at::Tensor& hidden_pre, at::Tensor& grad_x, at::Tensor& grad_gates, at::Tensor& grad_w1,
+                    at::Tensor& grad_b1, at::Tensor& grad_w2, at::Tensor& grad_b2) {
+  const auto acc = w1.scalar_type();
+  const at::Tensor xa = x.to(acc);
+  // dy broadcast to every expert (per-expert input): a stride-0 batch view, not a copy.
+  const at::Tensor dy_experts =
+      p.per_expert_input ? grad_y.unsqueeze(0).expand({p.experts, p.units, p.d_out}) : at::Tensor();
+  const at::Tensor dy_w2 = p.per_expert_input ? at::bmm(dy_experts, w2.transpose(1, 2))          // [E, N, h]
+                                              : grad_y.mm(w2.reshape({-1, p.d_out}).t());       // [N*G, E*h]
+  at::Tensor dpre = at::zeros_like(dy_w2), hid = at::zeros_like(dy_w2);
+  const at::Tensor dy_sums = p.per_expert_input ? grad_y : grad_y.view({p.units, p.group, p.d_out}).sum(1);
+  AT_DISPATCH_FLOATING_TYPES(acc, "moe_mlp_dense_bwd", [&] {
+    dense_epilogue<scalar_t>(p, indices.data_ptr<int64_t>(), gates.data_ptr<scalar_t>(),
+                             dy_w2.data_ptr<scalar_t>(), dpre.data_ptr<scalar_t>(), hid.data_ptr<scalar_t>(),
+                             hidden_pre.data_ptr<scalar_t>(), dy_sums.data_ptr<scalar_t>(),
+                             b2.data_ptr<scalar_t>(), grad_gates.data_ptr<scalar_t>());
+  });
+  grad_b2.copy_(dense_gates(p, indices, gates).t().mm(dy_sums));
+  if (p.per_expert_input) {
+    grad_x.copy_(at::bmm(dpre, w1.transpose(1, 2)));
+    at::bmm_out(grad_w1, xa.transpose(1, 2), dpre);
+    at::sum_out(grad_b1, dpre, {1});
+    at::bmm_out(grad_w2, hid.transpose(1, 2), dy_experts);
+    return;
+  }
+  grad_x.copy_(dpre.mm(w1_wide(w1).t()));
+  grad_w1.copy_(xa.t().mm(dpre).view({p.d_in, p.experts, p.hidden}).permute({1, 0, 2}));
+  at::sum_out(grad_b1, dpre.view({-1, p.experts, p.hidden}), {0});
+  at::Tensor grad_w2_wide = grad_w2.view({-1, p.d_out});
+  at::mm_out(grad_w2_wide, hid.t(), grad_y);
+}
+
+}  // namespace moe_cpu
+}  // namespace fsosr
