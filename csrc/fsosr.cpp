@@ -62,6 +62,10 @@ static constexpr long kWithCuda = 1;
 static constexpr long kWithCuda = 0;
 #endif
 
+namespace fsosr {
+const char* cpu_vector_isa();  // csrc/cpu/moe_mlp_hidden.cpp
+}
+
 // A plain C-API module (no pybind11): importing it runs the static registrations above and exposes whether the CUDA
 // kernels were compiled in, which `python -m fsosr.info` reports.
 static PyModuleDef fsosr_module = {PyModuleDef_HEAD_INIT, "_C", "fsosr native operators", -1, nullptr};
@@ -70,5 +74,6 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&fsosr_module);
   if (module == nullptr) return nullptr;
   PyModule_AddIntConstant(module, "WITH_CUDA", kWithCuda);
+  PyModule_AddStringConstant(module, "CPU_VECTOR_ISA", fsosr::cpu_vector_isa());
   return module;
 }

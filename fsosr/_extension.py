@@ -22,6 +22,8 @@ except ImportError:
 
 LOADED = _C is not None
 WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0))
+# Vector code the CPU kernels use here: avx512 | avx2 | generic (FSOSR_CPU_GENERIC=1 at import forces generic).
+CPU_VECTOR_ISA = getattr(_C, "CPU_VECTOR_ISA", None)
 
 if not LOADED:
     LOAD_ERROR = (LOAD_ERROR or "not built") + " (build it with `pip install -e . --no-build-isolation`)"

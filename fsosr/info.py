@@ -41,7 +41,8 @@ def collect() -> dict:
         "triton_interpret": backends.triton_interpreting(),
         "gpu": gpu,
         "extension": {"loaded": _extension.LOADED, "error": _extension.LOAD_ERROR,
-                      "cuda_kernels": _extension.WITH_CUDA, "build": _extension.BUILD_INFO},
+                      "cuda_kernels": _extension.WITH_CUDA, "build": _extension.BUILD_INFO,
+                      "cpu_vector_isa": _extension.CPU_VECTOR_ISA},
         "backends": usable,
         "automatic": {str(d): backends.resolve("(automatic)", None, d) for d in devices
                       if d.type == "cpu" or gpu},
@@ -61,7 +62,8 @@ def render(facts: dict) -> str:
         build = ext["build"] or {}
         cuda = (f"with CUDA kernels (toolkit {build.get('cuda_toolkit')}, archs {build.get('cuda_arch_list')})"
                 if ext["cuda_kernels"] else "CPU kernels only (no CUDA toolkit at build time, or FSOSR_CUDA=0)")
-        lines.append(f"fsosr._C built against torch {build.get('torch', '?')}: {cuda}")
+        lines.append(f"fsosr._C built against torch {build.get('torch', '?')}: {cuda}; CPU kernels use "
+                     f"{ext.get('cpu_vector_isa') or '?'} vector code")
     else:
         lines.append(f"fsosr._C not loaded: {ext['error']}")
     lines.append("")

@@ -2,6 +2,8 @@
 // counter hash, activation, gate scaling, and the backward's dot product and pre-activation gradient.
 #include "moe_mlp.h"
 
+#include <cstdlib>
+
 namespace fsosr {
 namespace moe_cpu {
 namespace {
@@ -37,9 +39,15 @@ template <typename acc_t>
   keep_scale_loop<double>(base, count, key, threshold, inv, keep);
 }
 
+// FSOSR_CPU_GENERIC=1 forces the portable loops (how the tests cover them on machines that have AVX-512).
 bool cpu_has_avx512dq() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512vl");
+  static const bool has = [] {
+    const char* generic = std::getenv("FSOSR_CPU_GENERIC");
+    if (generic != nullptr && generic[0] == '1') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
   return has;
 }
 
@@ -187,4 +195,13 @@ FSOSR_INSTANTIATE(double)
 #undef FSOSR_INSTANTIATE
 
 }  // namespace moe_cpu
+
+// Which vector code the CPU kernels run here (reported by `python -m fsosr.info`; tests check the generic switch).
+const char* cpu_vector_isa() {
+  if (moe_cpu::cpu_has_avx512dq()) return "avx512";
+  const char* generic = std::getenv("FSOSR_CPU_GENERIC");
+  if (generic != nullptr && generic[0] == '1') return "generic";
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") ? "avx2" : "generic";
+}
 }  // namespace fsosr
