@@ -10,11 +10,11 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "element_type.h"
+
 namespace fsosr {
 namespace cuda {
 namespace moe {
-
-enum class ElementType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Shapes and options of one call. Routed rows: every (unit n, slot j, token t), R = units * k * group of them,
 // ordered by expert through `order`/`offsets` (see moe_mlp_common.cuh).

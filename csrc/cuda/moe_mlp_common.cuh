@@ -10,6 +10,7 @@
 // Rows are gathered on load through these references: no permuted copy of x, y or grad_y is ever made.
 #pragma once
 
+#include "element_access.cuh"
 #include "moe_mlp.cuh"
 
 #include <cuda_bf16.h>
@@ -42,16 +43,6 @@ __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a
 // ------------------------------------------------------------------------------------------------------------
 // Element access: every kernel computes in fp32 and rounds once on store.
 // ------------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 template <typename T>
 __device__ __forceinline__ float load(const void* base, int64_t index) {
   return to_float(static_cast<const T*>(base)[index]);
@@ -232,16 +223,6 @@ __device__ __forceinline__ float warp_sum(float v) {
 // ------------------------------------------------------------------------------------------------------------
 // Host-side dispatch
 // ------------------------------------------------------------------------------------------------------------
-template <typename F>
-cudaError_t with_element_type(ElementType type, F&& f) {
-  switch (type) {
-    case ElementType::kFloat32: return f(float{});
-    case ElementType::kFloat16: return f(__half{});
-    case ElementType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 template <typename F>
 cudaError_t with_hidden_chunk(int chunk, F&& f) {
   switch (chunk) {

@@ -19,17 +19,17 @@ namespace {
 
 namespace moe = fsosr::cuda::moe;
 
-moe::ElementType element_type(at::ScalarType type) {
+fsosr::cuda::ElementType element_type(at::ScalarType type) {
   switch (type) {
-    case at::kFloat: return moe::ElementType::kFloat32;
-    case at::kHalf: return moe::ElementType::kFloat16;
-    case at::kBFloat16: return moe::ElementType::kBFloat16;
+    case at::kFloat: return fsosr::cuda::ElementType::kFloat32;
+    case at::kHalf: return fsosr::cuda::ElementType::kFloat16;
+    case at::kBFloat16: return fsosr::cuda::ElementType::kBFloat16;
     default:
       TORCH_CHECK(false, "moe_mlp (CUDA): unsupported dtype ", type,
                   "; the cuda backend takes float32, float16 or bfloat16 (float64 runs on the cpu and reference "
                   "backends)");
   }
-  return moe::ElementType::kFloat32;  // unreachable
+  return fsosr::cuda::ElementType::kFloat32;  // unreachable
 }
 
 void check_on(const char* name, const at::Tensor& t, const at::Tensor& x) {
@@ -56,7 +56,7 @@ Call make_call(const at::Tensor& x, const at::Tensor& indices, const at::Tensor&
                const at::Tensor& b2, int64_t group_size, int64_t activation, double scale, double dropout,
                int64_t seed_key, bool per_expert_input) {
   TORCH_CHECK(x.defined() && x.is_cuda(), "moe_mlp (CUDA): x must be a CUDA tensor");
-  const moe::ElementType type = element_type(x.scalar_type());
+  const fsosr::cuda::ElementType type = element_type(x.scalar_type());
   TORCH_CHECK(w1.dim() == 3 && w2.dim() == 3, "moe_mlp (CUDA): w1 and w2 must be [E, ., .], got ", w1.sizes(),
               " and ", w2.sizes());
   TORCH_CHECK(indices.dim() == 2, "moe_mlp (CUDA): indices must be [N, k], got ", indices.sizes());

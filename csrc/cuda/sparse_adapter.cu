@@ -5,6 +5,7 @@
 // outputs each, fp32 accumulation, fixed k order) whose epilogue loads the owner tile and writes the owned part to
 // `own` and the rest to `rest`: the masked gradient is produced by the GEMM itself. The M reduction may be cut
 // into a fixed number of splits (fp32 partials summed by the caller in a fixed order): bitwise reproducible.
+#include "element_access.cuh"
 #include "sparse_adapter.cuh"
 
 #include <cuda_bf16.h>
@@ -41,16 +42,6 @@ __global__ void split_kernel(const bits_t* grad, const uint8_t* owner, const int
   const bits_t g = grad[i];
   own[i] = mine ? g : bits_t(0);
   if (rest != nullptr) rest[i] = mine ? bits_t(0) : g;
-}
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
 }
 
 // grid (ceil(out / 64), ceil(in / 64), splits); block 256.
@@ -182,23 +173,15 @@ cudaError_t sparse_split(int element_size, const void* grad, const uint8_t* owne
   return cudaGetLastError();
 }
 
-cudaError_t sparse_weight_grad(GemmType type, const void* grad_y, const void* x, const uint8_t* owner,
+cudaError_t sparse_weight_grad(ElementType type, const void* grad_y, const void* x, const uint8_t* owner,
                                const int64_t* expert_ptr, int64_t expert_value, void* own, void* rest, int64_t M,
                                int64_t out_features, int64_t in_features, int64_t splits, int64_t rows_per_split,
                                bool fp32_out, cudaStream_t stream) {
   if (out_features == 0 || in_features == 0 || splits == 0) return cudaSuccess;
-  switch (type) {
-    case GemmType::kFloat32:
-      return launch_weight_grad<float>(grad_y, x, owner, expert_ptr, expert_value, own, rest, M, out_features,
-                                       in_features, splits, rows_per_split, fp32_out, stream);
-    case GemmType::kFloat16:
-      return launch_weight_grad<__half>(grad_y, x, owner, expert_ptr, expert_value, own, rest, M, out_features,
-                                        in_features, splits, rows_per_split, fp32_out, stream);
-    case GemmType::kBFloat16:
-      return launch_weight_grad<__nv_bfloat16>(grad_y, x, owner, expert_ptr, expert_value, own, rest, M,
-                                               out_features, in_features, splits, rows_per_split, fp32_out, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(type, [&](auto element) {
+    return launch_weight_grad<decltype(element)>(grad_y, x, owner, expert_ptr, expert_value, own, rest, M,
+                                                 out_features, in_features, splits, rows_per_split, fp32_out, stream);
+  });
 }
 
 }  // namespace cuda

@@ -6,10 +6,10 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "element_type.h"
+
 namespace fsosr {
 namespace cuda {
-
-enum class GemmType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // out = where(owner == e, own, rest or 0) over n entries of element_size bytes (2, 4 or 8); rest may be null.
 cudaError_t sparse_select(int element_size, const void* own, const void* rest, const uint8_t* owner,
@@ -24,7 +24,7 @@ cudaError_t sparse_split(int element_size, const void* grad, const uint8_t* owne
 // M: grad_y [M, out] and x [M, in] of `type`. The owner mask is applied to each output tile as it is written
 // (own: owned entries, rest: the others; rest may be null). With fp32_out the outputs are fp32 partials
 // [splits, out, in]; otherwise `type` tensors [out, in] (splits must then be 1).
-cudaError_t sparse_weight_grad(GemmType type, const void* grad_y, const void* x, const uint8_t* owner,
+cudaError_t sparse_weight_grad(ElementType type, const void* grad_y, const void* x, const uint8_t* owner,
                                const int64_t* expert_ptr, int64_t expert_value, void* own, void* rest, int64_t M,
                                int64_t out_features, int64_t in_features, int64_t splits, int64_t rows_per_split,
                                bool fp32_out, cudaStream_t stream);

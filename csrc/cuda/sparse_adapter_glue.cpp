@@ -18,7 +18,7 @@
 
 namespace {
 
-using fsosr::cuda::GemmType;
+using fsosr::cuda::ElementType;
 
 constexpr int64_t kTile = 64;            // output tile edge of the weight-gradient kernel
 constexpr int64_t kTargetBlocks = 264;   // ~2 blocks per SM of an H100
@@ -106,14 +106,14 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_weight_bwd_cuda(const at::Tens
   return {own, rest};
 }
 
-GemmType gemm_type(const char* op, at::ScalarType type) {
+ElementType gemm_type(const char* op, at::ScalarType type) {
   switch (type) {
-    case at::kFloat: return GemmType::kFloat32;
-    case at::kHalf: return GemmType::kFloat16;
-    case at::kBFloat16: return GemmType::kBFloat16;
+    case at::kFloat: return ElementType::kFloat32;
+    case at::kHalf: return ElementType::kFloat16;
+    case at::kBFloat16: return ElementType::kBFloat16;
     default: TORCH_CHECK_TYPE(false, op, ": CUDA runs float32, float16 and bfloat16, got ", type);
   }
-  return GemmType::kFloat32;  // unreachable
+  return ElementType::kFloat32;  // unreachable
 }
 
 void check_linear(const char* op, const at::Tensor& x, const at::Tensor& w_own, const at::Tensor& owner,

@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) backward_rows_loop(Backwa
 
 using namespace topk_detail;
 
-cudaError_t topk_route_backward(DType dtype, const float* grad_gates, const float* grad_importance,
+cudaError_t topk_route_backward(ElementType dtype, const float* grad_gates, const float* grad_importance,
                                 const float* grad_load, const void* logits, const void* noise,
                                 const void* noise_std, const int32_t* indices, const float* gates,
                                 const int32_t* next_index, int64_t num_units, int64_t num_experts, int64_t k,

@@ -7,6 +7,7 @@
 // global memory on every sweep (loop path, any E).
 #pragma once
 
+#include "element_access.cuh"
 #include "topk_route.cuh"
 
 #include <cuda_bf16.h>
@@ -45,14 +46,6 @@ __host__ __device__ constexpr int64_t min64(int64_t a, int64_t b) { return a < b
 // ------------------------------------------------------------------------------------------------------------
 // Element access and numerics
 // ------------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
 struct Inputs {  // [N, E] each, of the element type T the kernels are instantiated for
   const void* logits;
   const void* noise;  // null (with noise_std) for clean routing
@@ -170,15 +163,6 @@ inline size_t partial_bytes(const Plan& plan, int64_t num_experts) {  // one [nu
 }
 
 // f(T{}) with T the element type of dtype; f(std::integral_constant<int, G>{}) for the register-path group.
-template <typename F>
-cudaError_t with_element_type(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
 template <typename F>
 void with_group(int group, F&& f) {
   switch (group) {

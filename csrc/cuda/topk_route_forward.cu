@@ -316,7 +316,7 @@ int64_t topk_route_workspace_bytes(int64_t num_units, int64_t num_experts) {
   return int64_t(3 * partial_bytes(plan, num_experts));  // part counts, importance, load
 }
 
-cudaError_t topk_route_forward(DType dtype, const void* logits, const void* noise, const void* noise_std,
+cudaError_t topk_route_forward(ElementType dtype, const void* logits, const void* noise, const void* noise_std,
                                int64_t num_units, int64_t num_experts, int64_t k, bool renormalize,
                                int32_t* indices, float* gates, int32_t* counts, int32_t* order,
                                int32_t* offsets, float* importance, float* load, int32_t* next_index,

@@ -16,16 +16,16 @@
 
 namespace {
 
-using fsosr::cuda::DType;
+using fsosr::cuda::ElementType;
 
-DType kernel_dtype(at::ScalarType type) {
+ElementType kernel_dtype(at::ScalarType type) {
   switch (type) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return ElementType::kFloat32;
+    case at::kHalf: return ElementType::kFloat16;
+    case at::kBFloat16: return ElementType::kBFloat16;
     default: TORCH_CHECK(false, "topk_route (CUDA): unsupported dtype ", type);
   }
-  return DType::kFloat32;  // unreachable
+  return ElementType::kFloat32;  // unreachable
 }
 
 void check_logits(const char* op, const at::Tensor& logits) {

@@ -1,0 +1,11 @@
+// The activation element types the CUDA kernels are instantiated for, shared by every op's torch-free launcher
+// header (host code: included by the torch glue and by nvcc alike). fp64 runs on the cpu and reference backends.
+#pragma once
+
+namespace fsosr {
+namespace cuda {
+
+enum class ElementType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+}  // namespace cuda
+}  // namespace fsosr
