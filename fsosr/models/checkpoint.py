@@ -10,6 +10,7 @@ unwrapped, and a ``module.`` prefix (DataParallel/DDP) is stripped.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["CheckpointMismatchError", "load_into", "load_state_dict_file", "require_file", "save_state_dict"]
+__all__ = ["CheckpointMismatchError", "atomic_path", "load_into", "load_state_dict_file", "require_file", "save_state_dict"]
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 # "feature_params": DNPG phase-2 files ({"feature_params": backbone, "RPL_params": classifier})
@@ -97,26 +98,35 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, path: str 
     model.load_state_dict(kept, strict=not ignore)
 
 
-def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                    metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``state`` atomically (temp file in the same folder + rename): ``.safetensors`` (with string
-    ``metadata``) or a torch pickle for the other suffixes. Tensors are made contiguous and moved to the CPU."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path in ``path``'s folder; on a clean exit it is renamed onto ``path`` (readers never see a
+    half-written file), on an error it is removed. The file gets the usual umask permissions, not mkstemp's 0600."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-            save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
-        else:
-            torch.save(tensors, tmp)
+        yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the file should get the usual permissions
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                    metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``state`` atomically (:func:`atomic_path`): ``.safetensors`` (with string ``metadata``) or a torch
+    pickle for the other suffixes. Tensors are made contiguous and moved to the CPU."""
+    path = Path(path).expanduser()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
+        else:
+            torch.save(tensors, tmp)
     return path

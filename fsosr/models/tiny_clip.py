@@ -28,13 +28,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fsosr.models.checkpoint import atomic_path
 from fsosr.models.clip import ClipBackbone, create_clip
 from fsosr.models.clip_loading import clip_config, save_open_clip
 from fsosr.models.tiny_clip_train import (DIGITS_CLIP_NAME, DigitsClipRecipe, digits_clip_transform,
@@ -132,14 +132,8 @@ def _exclusive_lock(path: Path):
 
 
 def _write_json_atomic(data: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as handle:
+        json.dump(data, handle, indent=1, sort_keys=True)
 
 
 def _read_entry(path: Path, expected_hash: str) -> tuple[ClipBackbone | None, str | None]:
