@@ -31,10 +31,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # SM to stream at HBM speed. The interpreter runs one program at a time in numpy, so there bigger is faster.
 BLOCK = 4096 if _INTERPRET else 1024
 RULES_BLOCK = 256        # (segment, slot) pairs per program of the rules kernel
-SHARED = 255             # owner value of entries every expert updates (fsosr.ops.masked_adamw.SHARED)
-
-_FLAG_UPDATE = 1         # the slot steps this time
-_FLAG_GRAD = 2           # the slot reads its gradient (drawn); otherwise its moments see g = 0
+# Globals read inside @triton.jit code must be tl.constexpr: the compiler rejects plain ints (the interpreter does
+# not, so tests/ops/test_triton_sources.py checks this statically).
+SHARED = tl.constexpr(255)        # owner value of entries every expert updates (fsosr.ops.masked_adamw.SHARED)
+_FLAG_UPDATE = tl.constexpr(1)    # the slot steps this time
+_FLAG_GRAD = tl.constexpr(2)      # the slot reads its gradient (drawn); otherwise its moments see g = 0
 
 
 def _bits(value: float) -> int:
