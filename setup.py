@@ -123,7 +123,7 @@ def extension_modules():
     # torch picks the C++ standard its headers need (C++20 from torch 2.12 on). -fopenmp: at::parallel_for is
     # inlined from ATen's OpenMP header, so without it our loops would silently run on one thread.
     cxx = ["-O3", "-fopenmp"]
-    link = ["-fopenmp"]
+    link = ["-fopenmp"] + shared_libstdcxx_link_args()
     if not use_cuda:
         return [CppExtension("fsosr._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
     return [CUDAExtension(
@@ -134,10 +134,45 @@ def extension_modules():
     )]
 
 
+def shared_libstdcxx_link_args() -> list[str]:
+    """Link the C++ runtime as the shared libstdc++.so.6, named first on the link line.
+
+    An extension that carries its own static copy of libstdc++ shares the process with torch's shared one: a
+    locale facet made by one is then looked up with the other's facet ids, and the first TORCH_CHECK message that
+    formats a number segfaults (seen on a GPU image whose toolchain linked libstdc++.a: the crash lands in
+    codecvt<char16_t>::do_unshift under ostream::_M_insert<long>). Naming the shared object before the driver's own
+    -lstdc++ resolves every C++ runtime symbol there, so no member of a static archive is ever pulled in."""
+    if not sys.platform.startswith("linux"):
+        return []
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    path = out.stdout.strip()
+    return [path] if os.path.isabs(path) and os.path.exists(path) else []
+
+
+def check_dynamic_libstdcxx(library: str) -> None:
+    """Fail the build, with the reason, when the linked extension does not load libstdc++.so.6 (see above)."""
+    if not sys.platform.startswith("linux") or shutil.which("readelf") is None:
+        return
+    dynamic = subprocess.run(["readelf", "-d", library], capture_output=True, text=True).stdout
+    if "libstdc++.so" not in dynamic:
+        sys.exit(f"fsosr: {library} was linked with a static copy of libstdc++ (no libstdc++.so.6 among its "
+                 "NEEDED libraries); it would crash inside torch's error messages. Install the toolchain's shared "
+                 "libstdc++ (e.g. the libstdc++-<version>-dev package) or set CXX to a compiler that links it.")
+
+
 def build_ext_class():
     from torch.utils.cpp_extension import BuildExtension  # noqa: PLC0415
 
-    return BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None or _has_ninja_module())
+    class BuildExtensionChecked(BuildExtension):
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            check_dynamic_libstdcxx(self.get_ext_fullpath(ext.name))
+
+    return BuildExtensionChecked.with_options(use_ninja=shutil.which("ninja") is not None or _has_ninja_module())
 
 
 def _has_ninja_module() -> bool:
