@@ -44,6 +44,40 @@ def test_extension_is_loaded_and_registers_ops():
     assert backends.why_unavailable("cpu", torch.device("cpu")) is None
 
 
+def _needed_libraries(path: str) -> list[str]:
+    """DT_NEEDED entries of an ELF64 little-endian shared object (read directly: no binutils needed)."""
+    import struct  # noqa: PLC0415
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, "expected an ELF64 little-endian file"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    dynamic = next(s for s in sections if s[1] == 6)             # SHT_DYNAMIC
+    strtab = sections[dynamic[6]]                                # sh_link: its string table
+    needed = []
+    for offset in range(dynamic[4], dynamic[4] + dynamic[5], 16):
+        tag, value = struct.unpack_from("<qQ", data, offset)
+        if tag == 0:
+            break
+        if tag == 1:                                             # DT_NEEDED
+            start = strtab[4] + value
+            needed.append(data[start:data.index(b"\0", start)].decode())
+    return needed
+
+
+def test_extension_uses_the_shared_cxx_runtime():
+    """A static copy of libstdc++ inside the extension crashes torch's error messages (two C++ runtimes in one
+    process); setup.py links the shared one and refuses a build without it."""
+    if not sys.platform.startswith("linux"):
+        return
+    from fsosr import _C  # noqa: PLC0415
+
+    needed = _needed_libraries(_C.__file__)
+    assert "libc10.so" in needed, needed                         # the parser reads the real table
+    assert any(name.startswith("libstdc++.so") for name in needed), needed
+
+
 def test_info_text_report():
     result = _run_python("-m", "fsosr.info")
     assert result.returncode == 0, result.stderr
