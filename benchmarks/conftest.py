@@ -47,6 +47,23 @@ def measure(benchmark, fn, *, group: str, provider: str, baseline: str, info: di
         benchmark.extra_info["speedup_vs_" + baseline] = BASELINE_MEDIANS[group] / median
 
 
+# Device-to-device copy bandwidth measured on this workplace's machines (bytes read + written per second): the
+# floor a memory-bound kernel is measured against.
+COPY_BANDWIDTH = {"H100": 3.0e12, "H200": 4.3e12}
+
+
+def record_bandwidth(benchmark, floor_bytes: int) -> None:
+    """extra_info: the bytes the step must move at least, the achieved rate over them, and on a known GPU the
+    fraction of its measured copy bandwidth."""
+    rate = floor_bytes / benchmark.stats.stats.median
+    benchmark.extra_info.update(floor_bytes=floor_bytes, achieved_gb_s=rate / 1e9)
+    if DEVICE.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in COPY_BANDWIDTH.items() if k in name), None)
+        if peak is not None:
+            benchmark.extra_info["fraction_of_copy_bandwidth"] = rate / peak
+
+
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE

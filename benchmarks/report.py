@@ -34,7 +34,9 @@ def header(data: dict) -> str:
     commit = data.get("commit_info", {}).get("id", "")[:10]
     return (f"Device: {extra.get('device_name', '?')} ({extra.get('device', '?')}, {extra.get('threads', '?')} "
             f"threads), CPU: {machine.get('cpu', {}).get('brand_raw', '?')}, torch {extra.get('torch', '?')}, "
-            f"commit {commit or '?'}, {data.get('datetime', '')[:19]}. Medians; speed-up = baseline / provider; MiB = extra peak memory of a step where measured.")
+            f"commit {commit or '?'}, {data.get('datetime', '')[:19]}. Medians; speed-up = baseline / provider; "
+            "MiB = extra peak memory of a step where measured; % BW = the bytes a step must move at least, per median "
+            "time, as a share of the GPU's measured copy bandwidth (H100: 3.0 TB/s).")
 
 
 def tables(data: dict, baseline: str | None = None) -> str:
@@ -43,6 +45,7 @@ def tables(data: dict, baseline: str | None = None) -> str:
     groups: dict[str, dict[str, float]] = defaultdict(dict)
     baselines: dict[str, str] = {}
     memory: dict[tuple[str, str], float] = {}
+    bandwidth: dict[tuple[str, str], float] = {}
     ops: dict[str, list[str]] = defaultdict(list)
     providers_by_op: dict[str, list[str]] = defaultdict(list)
     for bench in data.get("benchmarks", []):
@@ -52,6 +55,8 @@ def tables(data: dict, baseline: str | None = None) -> str:
         baselines[group] = baseline or extra.get("baseline", "reference")
         if "peak_memory_mib" in extra:
             memory[group, provider] = extra["peak_memory_mib"]
+        if "fraction_of_copy_bandwidth" in extra:
+            bandwidth[group, provider] = extra["fraction_of_copy_bandwidth"]
         if group not in ops[op]:
             ops[op].append(group)
         if provider not in providers_by_op[op]:
@@ -76,6 +81,8 @@ def tables(data: dict, baseline: str | None = None) -> str:
                     cells.append(f"{_format_time(medians[p])} ({base / medians[p]:.1f}×)")
                 if (group, p) in memory:
                     cells[-1] += f", {memory[group, p]:.0f} MiB"
+                if (group, p) in bandwidth and p != group_baseline:
+                    cells[-1] += f", {100 * bandwidth[group, p]:.0f}% BW"
             workload = group[len(op):].strip() if group.startswith(op) else group
             out.append(f"| {workload} | " + " | ".join(cells) + " |")
         out.append("")

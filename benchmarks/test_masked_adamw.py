@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, measure
+from conftest import DEVICE, measure, record_bandwidth
 from fsosr import backends
 from fsosr.ops.masked_adamw import SHARED, masked_adamw_
 
@@ -24,12 +24,18 @@ BLOCKS, N, D, R = 12, 4, 768, 64
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-6, 0.01
 OURS = [b for b in ("cpu", "cuda", "triton") if backends.why_unavailable(b, DEVICE) is None]
 PROVIDERS = ["mosa_loop", "torch_adamw_foreach"] + OURS
+# ViT-B/16's 12 blocks (36 MB of traffic: fits in an H100's 50 MB L2 and is launch-bound), and on a GPU also 16x as
+# many blocks (570 MB), where the step streams from HBM and its bandwidth can be compared with the copy floor.
+SIZES = {"vit_b16": BLOCKS} | ({"x16": 16 * BLOCKS} if DEVICE.type == "cuda" else {})
+# Bytes per entry the fused step must move at least: params, exp_avg, exp_avg_sq read and written (fp32), the
+# gradient read (fp32) and the owner map read (uint8).
+FLOOR_BYTES_PER_ENTRY = 3 * 2 * 4 + 4 + 1
 
 
-def seed_params(g):
+def seed_params(g, blocks=BLOCKS):
     """[(param, mask or None, weight decay)] for every trainable adapter tensor, the seed's way."""
     out = []
-    for _ in range(BLOCKS):
+    for _ in range(blocks):
         out += [(torch.randn(D, generator=g), None, WD), (torch.randn(D, generator=g), None, 0.0),  # adapter_norm
                 (torch.randn(R, D, generator=g), None, WD), (torch.randn(R, generator=g), None, 0.0)]  # down
         owner = torch.randperm(D * R, generator=g).reshape(D, R) % N
@@ -63,10 +69,10 @@ def mosa_loop_step(params, state):
             p.data.add_(p.data, alpha=-LR * p.weight_decay)
 
 
-def flat_inputs(g):
+def flat_inputs(g, blocks=BLOCKS):
     """The compact flat buffers: per block 4 segments {shared weights, shared biases, W_own, per-expert biases}."""
     sizes, owners, wds = [], [], []
-    for _ in range(BLOCKS):
+    for _ in range(blocks):
         sizes += [D + R * D, D + R, D * R, N * D]
         owners += [torch.full((D + R * D + D + R,), SHARED, dtype=torch.uint8),
                    (torch.randperm(D * R, generator=g) % N).to(torch.uint8),
@@ -77,21 +83,23 @@ def flat_inputs(g):
                torch.cat(owners)]
     params, grads, exp_avg, exp_avg_sq, owner = (t.to(DEVICE) for t in tensors)
     offsets = torch.tensor([0] + sizes).cumsum(0).to(DEVICE)
-    selected = torch.randint(0, N, (BLOCKS,), generator=g).repeat_interleave(4).to(DEVICE)
+    selected = torch.randint(0, N, (blocks,), generator=g).repeat_interleave(4).to(DEVICE)
     steps = torch.zeros(len(sizes), N + 1, dtype=torch.int64, device=DEVICE)
     wd = torch.tensor(wds, dtype=torch.float64, device=DEVICE)
     return params, grads, exp_avg, exp_avg_sq, owner, selected, offsets, steps, wd
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_masked_adamw(benchmark, provider):
+@pytest.mark.parametrize("size", list(SIZES))
+def test_masked_adamw(benchmark, size, provider):
     g = torch.Generator().manual_seed(0)
+    blocks = SIZES[size]
     if provider == "mosa_loop":
-        params, state = seed_params(g), {}
+        params, state = seed_params(g, blocks), {}
         fn = lambda: mosa_loop_step(params, state)  # noqa: E731
         n_entries = sum(p.numel() for p in params)
     elif provider == "torch_adamw_foreach":
-        params = seed_params(g)
+        params = seed_params(g, blocks)
         masked = [p for p in params if p.mask is not None]
         groups = [{"params": [p for p in params if p.weight_decay > 0], "weight_decay": WD},
                   {"params": [p for p in params if p.weight_decay == 0], "weight_decay": 0.0}]
@@ -102,12 +110,14 @@ def test_masked_adamw(benchmark, provider):
             opt.step()
         n_entries = sum(p.numel() for p in params)
     else:
-        params, grads, exp_avg, exp_avg_sq, owner, selected, offsets, steps, wd = flat_inputs(g)
+        params, grads, exp_avg, exp_avg_sq, owner, selected, offsets, steps, wd = flat_inputs(g, blocks)
         fn = lambda: masked_adamw_(params, grads, exp_avg, exp_avg_sq, owner, selected, lr=LR, betas=BETAS,  # noqa: E731
                                    eps=EPS, weight_decay=wd, step=steps, semantics="mosa",
                                    segment_offsets=offsets, backend=provider)
         n_entries = params.numel()
-    measure(benchmark, fn, group=f"masked_adamw ViT-B/16 adapters blocks={BLOCKS} N={N} d={D} r={R} split=up",
+    measure(benchmark, fn, group=f"masked_adamw ViT-B/16 adapters blocks={blocks} N={N} d={D} r={R} split=up",
             provider=provider, baseline="mosa_loop",
-            info={"op": "masked_adamw_", "blocks": BLOCKS, "experts": N, "d": D, "r": R, "dtype": "float32",
+            info={"op": "masked_adamw_", "blocks": blocks, "experts": N, "d": D, "r": R, "dtype": "float32",
                   "semantics": "mosa", "entries": n_entries, "backend": provider})
+    compact_entries = blocks * (D + R * D + D + R + D * R + N * D)  # = flat_inputs' buffer
+    record_bandwidth(benchmark, compact_entries * FLOOR_BYTES_PER_ENTRY)

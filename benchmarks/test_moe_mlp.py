@@ -1,4 +1,5 @@
-"""moe_mlp forward and forward+backward, fp32, providers side by side, at three shapes:
+"""moe_mlp forward and forward+backward, fp32 (and on a GPU also bf16 at the adapter shape), providers side by side,
+at three shapes:
 
 - MoE-Adapters4CL: per-sample routing, 16 (CPU) / 64 (GPU) samples x 197 tokens, d 768, r 64, E 22, k 2,
   relu, dropout 0.1, scale 0.1 (the cpu backend takes its routed path);
@@ -28,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, measure
+from conftest import DEVICE, measure, record_bandwidth
 from fsosr import backends
 from fsosr.ops import moe_mlp, moe_mlp_per_expert_input, topk_route
 from fsosr.ops.moe_mlp import IMPLEMENTED
@@ -63,14 +64,14 @@ SHAPES = {
 }
 
 
-def make_inputs(s: Shape):
+def make_inputs(s: Shape, dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(0)
     x_shape = (s.experts, s.units, s.width) if s.per_expert else (s.units * s.group, s.width)
-    x = torch.randn(*x_shape, generator=g).to(DEVICE).requires_grad_()
-    logits = torch.randn(s.units, s.experts, generator=g).to(DEVICE).requires_grad_()
+    x = torch.randn(*x_shape, generator=g).to(DEVICE, dtype).requires_grad_()
+    logits = torch.randn(s.units, s.experts, generator=g).to(DEVICE, dtype).requires_grad_()
     shapes = [(s.experts, s.width, s.hidden), (s.experts, s.hidden), (s.experts, s.hidden, s.out),
               (s.experts, s.out)]
-    weights = [(torch.randn(*w, generator=g) / w[-2 if len(w) == 3 else -1] ** 0.5).to(DEVICE).requires_grad_()
+    weights = [(torch.randn(*w, generator=g) / w[-2 if len(w) == 3 else -1] ** 0.5).to(DEVICE, dtype).requires_grad_()
                for w in shapes]
     return x, logits, weights
 
@@ -86,7 +87,7 @@ def grouped_mm_moe(s: Shape, x, routing, w1, b1, w2, b2):
     hidden = F.grouped_mm(x.index_select(0, rows), w1, offs=ends) + b1[expert_of_row]
     hidden = F.dropout(F.relu(hidden), DROPOUT, training=True)
     out = F.grouped_mm(hidden, w2, offs=ends) + b2[expert_of_row]
-    gate = routing.gates.reshape(-1)[order].repeat_interleave(s.group)
+    gate = routing.gates.to(x.dtype).reshape(-1)[order].repeat_interleave(s.group)  # gates are fp32
     return torch.zeros(x.shape[0], s.out, device=x.device, dtype=x.dtype).index_add(0, rows, out * (gate * SCALE)[:, None])
 
 
@@ -94,7 +95,7 @@ def dense_masked_moe(s: Shape, x, routing, w1, b1, w2, b2):
     """Every expert on every row (one [d, E*r] GEMM, or a batched GEMM for per-expert inputs); the hidden
     units of unselected experts get gate 0."""
     dense_gates = torch.zeros(s.units, s.experts, device=x.device, dtype=x.dtype).scatter(
-        1, routing.indices.long(), routing.gates) * SCALE
+        1, routing.indices.long(), routing.gates.to(x.dtype)) * SCALE
     if s.per_expert:  # FSMoE's code: every expert densely (batched), masked by zero gates
         hidden = F.dropout(F.relu(torch.baddbmm(b1[:, None], x, w1)), DROPOUT, training=True)
         return (torch.baddbmm(b2[:, None], hidden, w2) * dense_gates.t()[:, :, None]).sum(0)
@@ -105,10 +106,10 @@ def dense_masked_moe(s: Shape, x, routing, w1, b1, w2, b2):
     return hidden @ w2.reshape(-1, s.out) + per_row_gate @ b2
 
 
-def moe_step(shape_name: str, provider: str, mode: str):
+def moe_step(shape_name: str, provider: str, mode: str, dtype: str = "float32"):
     """The timed callable of one provider (inputs built once, outside it)."""
     s = SHAPES[shape_name]
-    x, logits, weights = make_inputs(s)
+    x, logits, weights = make_inputs(s, getattr(torch, dtype))
     leaves = [x, logits, *weights]
     path = provider.partition("-")[2]  # cpu-routed / cpu-dense: the forced path
 
@@ -138,7 +139,7 @@ def moe_step(shape_name: str, provider: str, mode: str):
     return fn
 
 
-def peak_memory_mib(shape_name: str, provider: str, mode: str) -> float:
+def peak_memory_mib(shape_name: str, provider: str, mode: str, dtype: str) -> float:
     """Extra peak memory of one step, measured in a fresh process: on the GPU from the CUDA allocator; on the
     CPU as the peak resident set (VmHWM, reset through /proc/self/clear_refs once the inputs exist) minus the
     resident set at that point."""
@@ -146,38 +147,55 @@ def peak_memory_mib(shape_name: str, provider: str, mode: str) -> float:
         "import sys, torch; sys.path.insert(0, {here!r}); import test_moe_mlp as t\n"
         "def status(key):\n"
         "    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key))\n"
-        "fn = t.moe_step({shape!r}, {provider!r}, {mode!r})\n"
+        "fn = t.moe_step({shape!r}, {provider!r}, {mode!r}, {dtype!r})\n"
         "cuda = t.DEVICE.type == 'cuda'\n"
         "if not cuda: open('/proc/self/clear_refs', 'w').write('5')\n"
         "before = torch.cuda.memory_allocated() if cuda else status('VmRSS:')\n"
         "fn(); fn()\n"
         "after = torch.cuda.max_memory_allocated() if cuda else status('VmHWM:')\n"
         "print((after - before) / 2**20)\n"
-    ).format(here=os.path.dirname(os.path.abspath(__file__)), shape=shape_name, provider=provider, mode=mode)
+    ).format(here=os.path.dirname(os.path.abspath(__file__)), shape=shape_name, provider=provider, mode=mode,
+             dtype=dtype)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def run_group(benchmark, shape_name: str, provider: str, mode: str, memory: bool = False) -> None:
+def floor_bytes(s: Shape, mode: str, dtype: str) -> int:
+    """The activations a step must move at least: read x and write y; backward also reads grad_y and x again and
+    writes grad_x (weights and routing are small beside them)."""
+    rows_in = s.experts * s.units if s.per_expert else s.units * s.group
+    rows_out = s.units * s.group
+    size = torch.finfo(getattr(torch, dtype)).bits // 8
+    forward = rows_in * s.width + rows_out * s.out
+    return size * (forward if mode == "fwd" else 2 * forward + rows_in * s.width + rows_out * s.out)
+
+
+def run_group(benchmark, shape_name: str, provider: str, mode: str, memory: bool = False,
+              dtype: str = "float32") -> None:
     s = SHAPES[shape_name]
     form = "per-expert" if s.per_expert else f"N={s.units}x{s.group}"
-    measure(benchmark, moe_step(shape_name, provider, mode),
-            group=f"moe_mlp {shape_name} {form} {s.width}-{s.hidden}-{s.out} E={s.experts} k={s.k} {mode}",
+    suffix = "" if dtype == "float32" else f" {dtype}"
+    measure(benchmark, moe_step(shape_name, provider, mode, dtype),
+            group=f"moe_mlp {shape_name} {form} {s.width}-{s.hidden}-{s.out} E={s.experts} k={s.k} {mode}{suffix}",
             provider=provider, baseline="loop",
             info={"op": "moe_mlp", "shape": [s.units * s.group, s.width], "experts": s.experts, "k": s.k,
-                  "group_size": s.group, "per_expert_input": s.per_expert, "dtype": "float32", "mode": mode,
+                  "group_size": s.group, "per_expert_input": s.per_expert, "dtype": dtype, "mode": mode,
                   "backend": provider})
+    record_bandwidth(benchmark, floor_bytes(s, mode, dtype))
     if memory:
-        benchmark.extra_info["peak_memory_mib"] = peak_memory_mib(shape_name, provider, mode)
+        benchmark.extra_info["peak_memory_mib"] = peak_memory_mib(shape_name, provider, mode, dtype)
 
 
 MODES = ["fwd", "fwd+bwd"]
+# bf16 on a GPU only: the CPU kernels compute low precision through fp32 conversions, so it says nothing new there.
+DTYPES = ["float32", "bfloat16"] if DEVICE.type == "cuda" else ["float32"]
 
 
 @pytest.mark.parametrize("provider", ["loop", "grouped_mm", "dense_masked"] + OURS)
 @pytest.mark.parametrize("mode", MODES)
-def test_moe_adapter_layer(benchmark, provider, mode):
-    run_group(benchmark, "adapter", provider, mode, memory=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_adapter_layer(benchmark, dtype, provider, mode):
+    run_group(benchmark, "adapter", provider, mode, memory=True, dtype=dtype)
 
 
 @pytest.mark.parametrize("provider", ["loop", "grouped_mm", "dense_masked"] + OURS + CPU_PATHS)
