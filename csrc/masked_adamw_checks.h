@@ -38,8 +38,10 @@ inline void check_masked_adamw_inputs(const at::Tensor& params, const at::Tensor
   TORCH_CHECK_VALUE(segment_offsets.dim() == 1 && segment_offsets.numel() >= 1,
                     "masked_adamw_: segment_offsets must be 1-D [S + 1], got shape ", segment_offsets.sizes());
   const int64_t num_segments = segment_offsets.numel() - 1;
-  TORCH_CHECK_VALUE(selected.dim() == 1 && selected.numel() == num_segments,
-                    "masked_adamw_: selected must be [S] = [", num_segments, "], got shape ", selected.sizes());
+  TORCH_CHECK_VALUE((selected.dim() == 1 && selected.size(0) == num_segments) ||
+                        (selected.dim() == 2 && selected.size(0) == num_segments && selected.size(1) >= 1),
+                    "masked_adamw_: selected must be [S] or [S, D] with D >= 1 draws, S = ", num_segments,
+                    ", got shape ", selected.sizes());
   TORCH_CHECK_VALUE(weight_decay.dim() == 1 && weight_decay.numel() == num_segments,
                     "masked_adamw_: weight_decay must be [S] = [", num_segments, "], got shape ",
                     weight_decay.sizes());

@@ -84,7 +84,7 @@ def _pow_int(base, exponent):
 
 @triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "eps_bits"])
 def _rules_kernel(steps_ptr, selected_ptr, weight_decay_ptr, step_size_ptr, decay_ptr, flags_ptr, consts_ptr,
-                  num_pairs, num_experts, lr_bits, beta1_bits, beta2_bits, eps_bits,
+                  num_pairs, num_experts, draws, lr_bits, beta1_bits, beta2_bits, eps_bits,
                   MOSA: tl.constexpr, ADVANCE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     lr = _as_f64(lr_bits)
@@ -96,8 +96,10 @@ def _rules_kernel(steps_ptr, selected_ptr, weight_decay_ptr, step_size_ptr, deca
     segment = idx // slots
     slot = idx % slots
     t = tl.load(steps_ptr + idx, mask=ok, other=0)
-    chosen = tl.load(selected_ptr + segment, mask=ok, other=-1)
-    drawn = (slot == num_experts) | (slot == chosen)
+    drawn = slot == num_experts        # the shared slot, and every expert drawn since the last step
+    for d in range(0, draws):
+        chosen = tl.load(selected_ptr + segment * draws + d, mask=ok, other=-1)
+        drawn = drawn | (slot == chosen)
     if MOSA:
         update = drawn | (t > 0)       # torch 1.11 zero_grad keeps zero grads: once drawn, always stepped
     else:
@@ -181,6 +183,7 @@ def masked_adamw(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offse
     num_segments = segment_offsets.numel() - 1
     num_experts = steps.shape[1] - 1
     num_pairs = steps.numel()
+    draws = selected.shape[1] if selected.dim() == 2 else 1
     device, dtype = params.device, params.dtype
     step_size = torch.empty(num_pairs, dtype=dtype, device=device)
     decay = torch.empty(num_pairs, dtype=dtype, device=device)
@@ -189,7 +192,7 @@ def masked_adamw(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offse
     if num_pairs == 0:
         return
     _rules_kernel[(triton.cdiv(num_pairs, RULES_BLOCK),)](
-        steps, selected, weight_decay, step_size, decay, flags, consts, num_pairs, num_experts,
+        steps, selected, weight_decay, step_size, decay, flags, consts, num_pairs, num_experts, draws,
         _bits(lr), _bits(beta1), _bits(beta2), _bits(eps),
         MOSA=semantics == 0, ADVANCE=bool(advance_steps), BLOCK=RULES_BLOCK, num_warps=4)
     numel = params.numel()

@@ -40,14 +40,15 @@ struct SlotRule {
 // Advances the per-(segment, slot) step counters (HF AdamW's state["step"] of each dense tensor the slot stands
 // for) and returns the rule for every slot. steps is [S, N + 1] and is only written when advance is true.
 template <typename scalar_t>
-std::vector<SlotRule<scalar_t>> slot_rules(int64_t* steps, const int64_t* selected, const double* weight_decay,
-                                           int64_t num_segments, int64_t num_experts, int64_t semantics,
-                                           bool advance, double lr, double beta1, double beta2) {
+std::vector<SlotRule<scalar_t>> slot_rules(int64_t* steps, const int64_t* selected, int64_t draws,
+                                           const double* weight_decay, int64_t num_segments, int64_t num_experts,
+                                           int64_t semantics, bool advance, double lr, double beta1, double beta2) {
   const int64_t slots = num_experts + 1;
   std::vector<SlotRule<scalar_t>> rules(num_segments * slots);
   for (int64_t s = 0; s < num_segments; ++s) {
+    const int64_t* chosen = selected + s * draws;  // the experts drawn for this segment since the last step
     for (int64_t o = 0; o < slots; ++o) {
-      const bool drawn = o == num_experts || o == selected[s];
+      const bool drawn = o == num_experts || std::find(chosen, chosen + draws, o) != chosen + draws;
       int64_t& t = steps[s * slots + o];
       // mosa (torch 1.11 zero_grad keeps zero grads): an expert steps every step once it has been drawn once.
       // skip / freeze (set_to_none): only the drawn expert steps.
@@ -174,9 +175,12 @@ void check_inputs(const at::Tensor& params, const at::Tensor& exp_avg, const at:
   for (int64_t s = 0; s < num_segments; ++s) {
     TORCH_CHECK_VALUE(offsets[s] <= offsets[s + 1], "masked_adamw_: segment_offsets must be non-decreasing (at ", s,
                       ")");
-    const int64_t e = selected.data_ptr<int64_t>()[s];
-    TORCH_CHECK_VALUE(e >= 0 && e < num_experts, "masked_adamw_: selected[", s, "] = ", e, " is not an expert in [0, ",
-                      num_experts, ")");
+  }
+  const int64_t* chosen = selected.data_ptr<int64_t>();
+  for (int64_t i = 0; i < selected.numel(); ++i) {
+    TORCH_CHECK_VALUE(chosen[i] >= 0 && chosen[i] < num_experts, "masked_adamw_: selected has expert ", chosen[i],
+                      " (segment ", i / (selected.numel() / std::max<int64_t>(num_segments, 1)),
+                      "), not an expert in [0, ", num_experts, ")");
   }
   const int64_t* step_counts = steps.data_ptr<int64_t>();
   TORCH_CHECK_VALUE(std::all_of(step_counts, step_counts + steps.numel(), [](int64_t t) { return t >= 0; }),
@@ -215,7 +219,8 @@ void masked_adamw_cpu(at::Tensor params, at::Tensor exp_avg, at::Tensor exp_avg_
                       "masked_adamw_: step must be >= 1");
   }
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "masked_adamw_cpu", [&] {
-    const auto rules = slot_rules<scalar_t>(steps.data_ptr<int64_t>(), selected.data_ptr<int64_t>(),
+    const int64_t draws = selected.dim() == 2 ? selected.size(1) : 1;
+    const auto rules = slot_rules<scalar_t>(steps.data_ptr<int64_t>(), selected.data_ptr<int64_t>(), draws,
                                             weight_decay.data_ptr<double>(), num_segments, num_experts, semantics,
                                             advance_steps, lr, beta1, beta2);
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -32,7 +32,7 @@ RuleTables tables_of(void* workspace, int64_t num_pairs) {
 }
 
 template <typename scalar_t>
-__global__ void rules_kernel(int64_t* steps, const int64_t* selected, const double* weight_decay,
+__global__ void rules_kernel(int64_t* steps, const int64_t* selected, int64_t draws, const double* weight_decay,
                              scalar_t* step_size, scalar_t* decay, int32_t* flags, int64_t num_pairs,
                              int64_t num_experts, double lr, double beta1, double beta2, bool mosa, bool advance) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -40,7 +40,8 @@ __global__ void rules_kernel(int64_t* steps, const int64_t* selected, const doub
   const int64_t slots = num_experts + 1;
   const int64_t segment = i / slots, slot = i % slots;
   int64_t t = steps[i];
-  const bool drawn = slot == num_experts || slot == selected[segment];
+  bool drawn = slot == num_experts;  // the shared slot, and every expert drawn since the last step
+  for (int64_t d = 0; d < draws; ++d) drawn = drawn || slot == selected[segment * draws + d];
   // mosa (torch 1.11 zero_grad keeps zero grads): once drawn, an expert steps every step. skip / freeze: drawn only.
   const bool update = mosa ? (drawn || t > 0) : drawn;
   if (advance && update) steps[i] = ++t;
@@ -85,16 +86,16 @@ __global__ void step_kernel(scalar_t* __restrict__ p, scalar_t* __restrict__ m, 
 template <typename scalar_t>
 cudaError_t launch(void* params, void* exp_avg, void* exp_avg_sq, int64_t* steps, const void* grads,
                    const uint8_t* owner, const int64_t* segment_offsets, const int64_t* selected,
-                   const double* weight_decay, int64_t numel, int64_t num_segments, int64_t num_experts, double lr,
-                   double beta1, double beta2, double eps, int64_t semantics, bool advance_steps, void* workspace,
-                   cudaStream_t stream) {
+                   int64_t draws, const double* weight_decay, int64_t numel, int64_t num_segments,
+                   int64_t num_experts, double lr, double beta1, double beta2, double eps, int64_t semantics,
+                   bool advance_steps, void* workspace, cudaStream_t stream) {
   const int64_t num_pairs = num_segments * (num_experts + 1);
   if (num_pairs == 0) return cudaSuccess;
   const RuleTables t = tables_of(workspace, num_pairs);
   auto* step_size = static_cast<scalar_t*>(t.step_size);
   auto* decay = static_cast<scalar_t*>(t.decay);
   rules_kernel<scalar_t><<<unsigned((num_pairs + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      steps, selected, weight_decay, step_size, decay, t.flags, num_pairs, num_experts, lr, beta1, beta2,
+      steps, selected, draws, weight_decay, step_size, decay, t.flags, num_pairs, num_experts, lr, beta1, beta2,
       semantics == 0, advance_steps);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || numel == 0) return err;
@@ -116,11 +117,11 @@ int64_t masked_adamw_workspace_bytes(int64_t num_pairs) {
 
 cudaError_t masked_adamw(bool is_double, void* params, void* exp_avg, void* exp_avg_sq, int64_t* steps,
                          const void* grads, const uint8_t* owner, const int64_t* segment_offsets,
-                         const int64_t* selected, const double* weight_decay, int64_t numel, int64_t num_segments,
-                         int64_t num_experts, double lr, double beta1, double beta2, double eps, int64_t semantics,
-                         bool advance_steps, void* workspace, cudaStream_t stream) {
+                         const int64_t* selected, int64_t draws, const double* weight_decay, int64_t numel,
+                         int64_t num_segments, int64_t num_experts, double lr, double beta1, double beta2,
+                         double eps, int64_t semantics, bool advance_steps, void* workspace, cudaStream_t stream) {
   auto run = is_double ? launch<double> : launch<float>;
-  return run(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offsets, selected, weight_decay, numel,
+  return run(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offsets, selected, draws, weight_decay, numel,
              num_segments, num_experts, lr, beta1, beta2, eps, semantics, advance_steps, workspace, stream);
 }
 

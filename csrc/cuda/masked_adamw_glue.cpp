@@ -29,7 +29,8 @@ void masked_adamw_cuda(at::Tensor params, at::Tensor exp_avg, at::Tensor exp_avg
   const cudaError_t err = fsosr::cuda::masked_adamw(
       params.scalar_type() == at::kDouble, params.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
       steps.data_ptr<int64_t>(), grads.data_ptr(), owner.data_ptr<uint8_t>(), segment_offsets.data_ptr<int64_t>(),
-      selected.data_ptr<int64_t>(), weight_decay.data_ptr<double>(), params.numel(), num_segments, num_experts, lr,
+      selected.data_ptr<int64_t>(), selected.dim() == 2 ? selected.size(1) : 1, weight_decay.data_ptr<double>(),
+      params.numel(), num_segments, num_experts, lr,
       beta1, beta2, eps, semantics, advance_steps, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "masked_adamw_: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }

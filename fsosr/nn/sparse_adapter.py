@@ -267,7 +267,8 @@ class SparseAdapter(nn.Module):
 
     Forward ``x [..., d] → [..., d]``. Training: two independent uniform draws per forward (down first, then up,
     made even for a dense projection so the random stream does not depend on ``split``), shared by the batch, kept
-    in :attr:`selected`. Eval: the merged adapter (:meth:`merge`), recomputed each forward so it is never stale.
+    in :attr:`selected` (the last forward's) and appended to the draws :meth:`pop_draws` returns (every training
+    forward since the optimizer's last step: two with MoSA's two stochastic passes). Eval: the merged adapter (:meth:`merge`), recomputed each forward so it is never stale.
     """
 
     def __init__(self, width: int, bottleneck: int = 64, num_experts: int = 4, *, split: str = "up",
@@ -300,6 +301,7 @@ class SparseAdapter(nn.Module):
                                **common)
         self._generator = generator
         self.selected: dict[str, int | None] = {"down": None, "up": None}
+        self._draws: dict[str, list[int]] = {"down": [], "up": []}
 
     def set_generator(self, generator: torch.Generator | None) -> None:
         """The generator the expert draws come from (seeded by the trainer)."""
@@ -316,6 +318,13 @@ class SparseAdapter(nn.Module):
     def selected_experts(self) -> dict[str, int | None]:
         """Expert drawn per split projection by the last training forward (None before one / in eval)."""
         return {name: self.selected[name] for name in self.split_projections()}
+
+    def pop_draws(self) -> dict[str, list[int]]:
+        """The experts drawn per split projection by every training forward since the last call, in order, and
+        forget them: what the masked optimizer's ``selected [S, D]`` needs after MoSA's two passes."""
+        draws = {name: list(self._draws[name]) for name in self.split_projections()}
+        self._draws = {"down": [], "up": []}
+        return draws
 
     def draw_experts(self, generator: torch.Generator | None = None) -> tuple[int, int]:
         """Two independent uniform draws in [0, N): (down, up). CPU draws, so no device synchronisation."""
@@ -334,6 +343,8 @@ class SparseAdapter(nn.Module):
         if self.training:
             down_id, up_id = self.draw_experts(generator)
             self.selected = {"down": down_id if self.down.split else None, "up": up_id if self.up.split else None}
+            self._draws["down"].append(down_id)
+            self._draws["up"].append(up_id)
         else:
             down_id = up_id = None
             self.selected = {"down": None, "up": None}

@@ -9,10 +9,14 @@ Layout (compact MoSA storage, research/mosa_moecl_dnpg.md §1.5):
 - ``owner``: uint8 [P], values 0..N-1 or 255.
 - Segments: ``segment_offsets`` int64 [S+1] cut the buffer into S runs that share one expert draw and one weight
   decay, e.g. per block: {shared weights, shared biases, split up weight, per-expert up biases}.
-  ``selected`` int64 [S]: the expert drawn for that segment this step (ignored by shared entries).
+  ``selected`` int64 [S]: the expert drawn for that segment this step (ignored by shared entries), or
+  int64 [S, D]: the D experts drawn since the last step (repeats allowed). MoSA's default recipe runs the model
+  twice per step with fresh draws (``ADDITIONAL=True``, research/mosa_moecl_dnpg.md §1.4), so up to two experts
+  per segment receive a gradient: pass both draws, and ``grads`` holding each drawn expert's own entries.
   ``weight_decay``: a float or fp64 [S] (MoSA: 0.01 for weights and the adapter LayerNorm weight, 0 for biases).
 - ``grads`` at an entry owned by an expert that was not drawn are never read into the update (the select drops
-  them, NaN included): pass the unmasked dW of the drawn expert's weight, the op applies ``owner == selected``.
+  them, NaN included): pass the unmasked dW of the drawn expert's weight, the op applies ``owner == selected``
+  (with several draws: ``owner`` in the drawn set; entries of different drawn experts are disjoint).
 
 The update is HF AdamW as MoSA uses it (transformers.AdamW, correct_bias=True), per updated entry:
 ``m = β1·m + (1−β1)·g; v = β2·v + (1−β2)·g²; p −= lr·√(1−β2^t)/(1−β1^t) · m/(√v + eps); p −= lr·wd·p``.
@@ -95,7 +99,8 @@ _masked_adamw_triton.register_fake(_fake)
 
 
 def _segments(params, selected, segment_offsets, weight_decay):
-    """(segment_offsets int64 [S+1], selected int64 [S], weight_decay fp64 [S]) from the convenient forms."""
+    """(segment_offsets int64 [S+1], selected int64 [S] or [S, D], weight_decay fp64 [S]) from the convenient
+    forms."""
     device = params.device
     if segment_offsets is None:
         segment_offsets = torch.tensor([0, params.numel()], dtype=torch.int64, device=device)
@@ -105,7 +110,7 @@ def _segments(params, selected, segment_offsets, weight_decay):
     if isinstance(selected, int) and not isinstance(selected, bool):
         selected = torch.full((n_segments,), selected, dtype=torch.int64, device=device)
     if not isinstance(selected, torch.Tensor) or selected.dtype != torch.int64:
-        raise TypeError("masked_adamw_: selected must be an int or an int64 tensor [S]")
+        raise TypeError("masked_adamw_: selected must be an int or an int64 tensor [S] or [S, D]")
     if isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool):
         weight_decay = torch.full((n_segments,), float(weight_decay), dtype=torch.float64, device=device)
     if not isinstance(weight_decay, torch.Tensor) or not weight_decay.is_floating_point():
@@ -150,8 +155,12 @@ def _check_layout(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offs
     n_segments = segment_offsets.numel() - 1
     if segment_offsets.dim() != 1 or n_segments < 0:
         raise ValueError(f"masked_adamw_: segment_offsets must be 1-D [S+1], got {tuple(segment_offsets.shape)}")
-    if selected.shape != (n_segments,) or weight_decay.shape != (n_segments,):
-        raise ValueError(f"masked_adamw_: selected and weight_decay must be [S] = [{n_segments}]")
+    if weight_decay.shape != (n_segments,):
+        raise ValueError(f"masked_adamw_: weight_decay must be [S] = [{n_segments}], got {tuple(weight_decay.shape)}")
+    if not (selected.shape == (n_segments,) or (selected.dim() == 2 and selected.shape[0] == n_segments
+                                                and selected.shape[1] >= 1)):
+        raise ValueError(f"masked_adamw_: selected must be [S] or [S, D] with D >= 1 draws, S = {n_segments}, got "
+                         f"{tuple(selected.shape)}")
     if steps.shape[1] - 1 > 254:
         raise ValueError(f"masked_adamw_: at most 254 experts (owner 255 means shared), got {steps.shape[1] - 1}")
     names = ("exp_avg", "exp_avg_sq", "step", "grads", "owner", "segment_offsets", "selected", "weight_decay")
@@ -192,7 +201,8 @@ def masked_adamw_(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tens
     Args:
         params, grads, exp_avg, exp_avg_sq: flat fp32/fp64 [P] buffers (contiguous).
         owner: uint8 [P], the expert owning each entry, 255 (:data:`SHARED`) for entries every expert updates.
-        selected: int64 [S] (or an int for every segment): the expert drawn per segment this step.
+        selected: int64 [S] (or an int for every segment): the expert drawn per segment this step; or int64
+            [S, D]: the D experts drawn per segment since the last step (MoSA's two stochastic passes: D = 2).
         lr, betas, eps: HF AdamW's (MoSA: eps 1e-6).
         weight_decay: a float or a [S] tensor, decoupled, applied after the Adam step.
         step: an int64 [S, N+1] counter tensor (advanced in place) or an int >= 1; see the module docstring.

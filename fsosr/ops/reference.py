@@ -180,7 +180,8 @@ def masked_adamw_flat_(params: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: 
     slot = torch.where(owner == SHARED_OWNER, n_experts, owner.long())
     drawn_slot = torch.zeros_like(steps, dtype=torch.bool)                       # [S, N+1]
     drawn_slot[:, n_experts] = True
-    drawn_slot[torch.arange(len(selected), device=params.device), selected] = True
+    chosen = selected.reshape(len(selected), -1)                                 # [S, D]: every draw this step
+    drawn_slot.scatter_(1, chosen, torch.ones_like(chosen, dtype=torch.bool))
     update_slot = drawn_slot | (steps > 0) if MASKED_ADAMW_SEMANTICS[semantics] == "mosa" else drawn_slot
     if advance_steps:
         steps += update_slot.long()
@@ -218,7 +219,7 @@ def seed_masked_adamw_step_(params: list[SeedParam], grads: list[torch.Tensor], 
     """One MoSA training step's gradient handling and optimizer step, written the seed's way.
 
     grads[i] is the dense gradient backward would give params[i] if its expert was used; selected[group] is the
-    expert drawn for that group. Then, as the seed does: unused experts get no gradient (``skip``/``freeze``:
+    expert drawn for that group, or the experts drawn in the step's passes (a sequence or tensor). Then, as the seed does: unused experts get no gradient (``skip``/``freeze``:
     torch >= 2 ``zero_grad(set_to_none=True)``) or keep a zero one once they have had one (``mosa``: torch 1.11
     ``zero_grad()``); ``p.grad *= p.mask`` for every parameter; HF AdamW (transformers.AdamW, correct_bias=True):
     state created on a parameter's first gradient, bias correction from its own step count, eps added to sqrt(v),
@@ -227,7 +228,9 @@ def seed_masked_adamw_step_(params: list[SeedParam], grads: list[torch.Tensor], 
     """
     beta1, beta2 = betas
     for p, g in zip(params, grads):
-        used = p.expert is None or p.expert == int(selected[p.group])
+        chosen = selected[p.group]
+        drawn = {int(e) for e in torch.as_tensor(chosen).reshape(-1).tolist()}
+        used = p.expert is None or p.expert in drawn
         if used:
             p.grad = g.clone()
         elif semantics == "mosa":

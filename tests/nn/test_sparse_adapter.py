@@ -183,6 +183,25 @@ def test_expert_draws_follow_the_seeded_generator_independently_for_down_and_up(
     assert up_only.selected_experts() == {"up": expected[0][1]}  # a dense down still consumes its draw
 
 
+def test_pop_draws_returns_every_training_forward_since_the_last_step():
+    """MoSA's two stochastic passes per step: both passes' draws reach the optimizer, eval forwards add none."""
+    adapter = _adapter("both")
+    adapter.set_generator(torch.Generator().manual_seed(7))
+    x = torch.randn(1, 2, 12, dtype=torch.float64)
+    adapter(x)
+    first = dict(adapter.selected)
+    adapter(x)
+    second = dict(adapter.selected)
+    adapter.eval()
+    adapter(x)
+    adapter.train()
+    assert adapter.pop_draws() == {"down": [first["down"], second["down"]], "up": [first["up"], second["up"]]}
+    assert adapter.pop_draws() == {"down": [], "up": []}
+    up_only = _adapter("up")
+    up_only(x)
+    assert list(up_only.pop_draws()) == ["up"]
+
+
 # --- placements --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("split", ["up", "down", "both"])
 def test_zero_initialised_up_makes_the_adapter_output_zero(split):

@@ -92,29 +92,36 @@ class Model:
         return i - p.expert + draws[p.group]
 
     def segment_selected(self, draws) -> torch.Tensor:
-        return torch.tensor(draws).repeat_interleave(4)
+        """[S] from one draw per block, [S, D] from D draws per block (the block's four segments share them)."""
+        return torch.tensor(draws).repeat_interleave(4, dim=0)
 
 
 def seed_state(p: reference.SeedParam, key: str) -> torch.Tensor:
     return p.state[key] if p.state else torch.zeros_like(p.value)
 
 
-def run(model: Model, semantics: str, backend: str, n_steps=50, seed=1, int_step=False, nan_at=None):
+def run(model: Model, semantics: str, backend: str, n_steps=50, seed=1, int_step=False, nan_at=None, passes=1):
     """n_steps of random draws and gradients through both the seed and the flat op; returns the flat and the
-    seed-derived buffers (params, exp_avg, exp_avg_sq)."""
+    seed-derived buffers (params, exp_avg, exp_avg_sq). passes=2: MoSA's two stochastic passes per step, so each
+    block has two draws (often different experts) whose gradients both reach the step."""
     g = torch.Generator().manual_seed(seed)
     if int_step:  # all experts' states exist from step 1 (a zero gradient each), as the int form assumes
         for p in model.seed_params:
             p.grad = torch.zeros_like(p.value)
     for t in range(1, n_steps + 1):
         lr = 1e-2 * (0.5 + 0.5 * torch.rand((), generator=g, dtype=torch.float64).item())  # a moving schedule
-        draws = torch.randint(0, model.n_experts, (model.blocks,), generator=g).tolist()
+        shape = (model.blocks,) if passes == 1 else (model.blocks, passes)
+        draws = torch.randint(0, model.n_experts, shape, generator=g).tolist()
         grads = [torch.randn(p.value.shape, generator=g, dtype=torch.float64) for p in model.seed_params]
         reference.seed_masked_adamw_step_(model.seed_params, grads, draws, lr=lr, betas=BETAS, eps=EPS,
                                           semantics=semantics)
         device = model.params.device
         selected = model.segment_selected(draws).to(device)
-        flat_grads = model.flat_from_seed(lambda i: grads[model._drawn_copy(i, draws)]).to(device, model.dtype)
+        if passes == 1:  # the compact gradient of a split weight is the drawn expert's whole dW
+            flat_grads = model.flat_from_seed(lambda i: grads[model._drawn_copy(i, draws)])
+        else:            # each entry from its owner's copy: the drawn owners' gradients, junk elsewhere
+            flat_grads = model.flat_from_seed(lambda i: grads[i])
+        flat_grads = flat_grads.to(device, model.dtype)
         if nan_at is not None:
             flat_grads[nan_at] = float("nan")
         masked_adamw_(model.params, flat_grads, model.exp_avg, model.exp_avg_sq, model.owner, selected, lr=lr,
@@ -139,6 +146,33 @@ def test_matches_seed_in_fp64(semantics, backend):
     # the counters are HF AdamW's per-tensor state["step"]: e.g. a split weight's column i is expert i's count
     split_segment, split_first = 2, model.layout[2][1][0]
     assert model.steps[split_segment, :-1].tolist() == seed_steps[split_first:split_first + model.n_experts]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("semantics", SEMANTICS)
+def test_two_stochastic_passes_match_seed_in_fp64(semantics, backend):
+    """MoSA's default recipe (ADDITIONAL=True): two forwards with fresh draws per step, so selected is [S, 2] and
+    up to two experts per segment read their gradients and start or advance their counters."""
+    model = Model()
+    flat, seed = run(model, semantics, backend, passes=2)
+    for ours, theirs in zip(flat, seed):
+        torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=1e-15)
+    split_segment, split_first = 2, model.layout[2][1][0]
+    seed_steps = [p.state.get("step", 0) for p in model.seed_params]
+    assert model.steps[split_segment, :-1].tolist() == seed_steps[split_first:split_first + model.n_experts]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_draws_of_one_expert_equal_one_draw(backend):
+    one, two = Model(), Model()
+    args = dict(lr=1e-2, betas=BETAS, eps=EPS, num_experts=one.n_experts, semantics="skip")
+    grads = torch.randn(one.params.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    drawn = torch.tensor([2, 0, 1, 1, 0, 2, 2, 1])
+    masked_adamw_(one.params, grads, one.exp_avg, one.exp_avg_sq, one.owner, drawn, weight_decay=one.weight_decay,
+                  step=one.steps, segment_offsets=one.offsets, backend=backend, **args)
+    masked_adamw_(two.params, grads, two.exp_avg, two.exp_avg_sq, two.owner, drawn[:, None].repeat(1, 2),
+                  weight_decay=two.weight_decay, step=two.steps, segment_offsets=two.offsets, backend=backend, **args)
+    assert torch.equal(one.params, two.params) and torch.equal(one.steps, two.steps)
 
 
 @pytest.mark.parametrize("semantics", SEMANTICS)
@@ -325,6 +359,8 @@ def test_non_finite_grads_propagate_only_where_read(backend, semantics):
     ("exp_avg_dtype", TypeError, "exp_avg must be"),
     ("owner_dtype", TypeError, "owner must be uint8"),
     ("selected_range", ValueError, "selected"),
+    ("selected_2d_range", ValueError, "selected"),
+    ("selected_no_draws", ValueError, "selected"),
     ("offsets", ValueError, "segment_offsets"),
     ("int_step_zero", ValueError, "step must be"),
     ("int_step_without_n", ValueError, "num_experts"),
@@ -340,6 +376,11 @@ def test_bad_input_raises_and_writes_nothing(backend, case, error, match):
         args[2] = args[2].double()
     elif case == "owner_dtype":
         args[4] = args[4].long()
+    elif case == "selected_2d_range":
+        args[5] = torch.stack([args[5], args[5]], dim=1)
+        args[5][7, 1] = 4
+    elif case == "selected_no_draws":
+        args[5] = args[5][:, None][:, :0]
     elif case == "selected_range":
         args[5][3] = 4
     elif case == "offsets":
@@ -376,13 +417,14 @@ def test_buffers_on_another_device_are_named(backend):
 
 # ------------------------------------------------------------------------------------------------ GPU only
 @pytest.mark.gpu
+@pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("semantics", SEMANTICS)
-def test_gpu_matches_seed_in_fp64(backend, semantics):
+def test_gpu_matches_seed_in_fp64(backend, semantics, passes):
     model = Model()
     for name in ("params", "owner", "exp_avg", "exp_avg_sq", "offsets", "weight_decay", "steps"):
         setattr(model, name, getattr(model, name).cuda())
-    flat, seed = run(model, semantics, backend)
+    flat, seed = run(model, semantics, backend, passes=passes)
     for ours, theirs in zip(flat, seed):
         torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-13, atol=1e-15)
 
