@@ -3,8 +3,8 @@ at three shapes:
 
 - MoE-Adapters4CL: per-sample routing, 16 (CPU) / 64 (GPU) samples x 197 tokens, d 768, r 64, E 22, k 2,
   relu, dropout 0.1, scale 0.1 (the cpu backend takes its routed path);
-- per-token routing with few experts: 3152 tokens, d 768, r 64, E 2 and E 4, k 2 (E 2: the cpu backend takes its
-  dense-masked path; E 4: routed);
+- per-token routing with few experts: 3152 (CPU) / 12608 (GPU) tokens, d 768, r 64, E 2 and E 4, k 2 (E 2: the cpu
+  backend takes its dense-masked path; E 4: routed); on a GPU also 50,000 tokens with E 8, k 2;
 - FSMoE: per-expert inputs, B 32, E 11, k 5, 768 -> 1536 -> 512 (routed).
 
 Providers:
@@ -60,6 +60,7 @@ SHAPES = {
     "adapter": ADAPTER,
     "token_e2": Shape(ADAPTER.units * 197, 1, 768, 64, 2, 2),
     "token_e4": Shape(ADAPTER.units * 197, 1, 768, 64, 4, 2),
+    "token_e8": Shape(50_000, 1, 768, 64, 8, 2),    # the per-token GPU shape
     "fsmoe": Shape(32, 1, 768, 1536, 11, 5, d_out=512, per_expert=True),
 }
 
@@ -199,7 +200,7 @@ def test_moe_adapter_layer(benchmark, dtype, provider, mode):
 
 
 @pytest.mark.parametrize("provider", ["loop", "grouped_mm", "dense_masked"] + OURS + CPU_PATHS)
-@pytest.mark.parametrize("shape_name", ["token_e2", "token_e4"])
+@pytest.mark.parametrize("shape_name", ["token_e2", "token_e4"] + (["token_e8"] if DEVICE.type == "cuda" else []))
 @pytest.mark.parametrize("mode", MODES)
 def test_moe_per_token_few_experts(benchmark, shape_name, provider, mode):
     run_group(benchmark, shape_name, provider, mode)
