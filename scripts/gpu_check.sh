@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one command, for a machine with a CUDA device (GPU.md's checklist):
+# build, GPU tests, the op suite on CUDA tensors, compute-sanitizer, benchmarks and the kernel profile.
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]      (OUT_DIR default: $OUT, else ./gpu_check_out)
+#
+# Each step writes its log under OUT_DIR as it goes and has its own time limit, so a run cut short by a lease
+# still leaves every finished step's results (pytest failures stream to OUT_DIR/failures_*.log). Steps run in
+# priority order; FSOSR_GPU_STEPS picks a subset (default "build gpu cuda sanitize bench profile").
+# Other knobs: FSOSR_GPU_BUDGET (seconds for the whole run, default 560), FSOSR_BENCH_FILTER (pytest -k for the
+# benchmarks), FSOSR_REBUILD=1 (rebuild even when an extension for this Python exists), TORCH_CUDA_ARCH_LIST
+# (default 9.0 here: build only for the GPU at hand), a `.whl/` folder of extra wheels (installed to /tmp/site).
+set -u
+OUT_DIR=${1:-${OUT:-gpu_check_out}}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+BUDGET=${FSOSR_GPU_BUDGET:-560}
+STEPS=${FSOSR_GPU_STEPS:-build gpu cuda sanitize bench profile}
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+limit() { local want=$1 l; l=$(( $(left) - 10 )); (( l < want )) && want=$l; (( want < 1 )) && want=1; echo "$want"; }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+say() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+
+if compgen -G ".whl/*.whl" > /dev/null; then   # packages the machine lacks (e.g. open_clip_torch), as wheels
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT_DIR/gpu.txt"
+
+if want build; then
+  suffix=$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+  if [[ ! -e fsosr/_C$suffix || ${FSOSR_REBUILD:-0} == 1 ]]; then
+    say "build"
+    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} FSOSR_CUDA=1 \
+      timeout "$(limit 300)" $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT_DIR/build.log" 2>&1 \
+      || { tail -40 "$OUT_DIR/build.log"; say "build failed"; exit 1; }
+  fi
+fi
+# fsosr._triton is the kernels/ folder, mapped by the (editable) install; a carried prebuilt extension skips
+# the install, so map it by a link then.
+$PY -c "import fsosr._triton" 2>/dev/null || ln -sfn ../kernels fsosr/_triton
+$PY -m fsosr.info | tee "$OUT_DIR/info.txt" | head -8
+
+# pytest-xdist when present: 8 workers, 2 CPU threads each (their fp64 CPU references would oversubscribe).
+XDIST=()
+$PY -c "import xdist" 2>/dev/null && XDIST=(-n "${FSOSR_GPU_WORKERS:-8}")
+run_pytest() {  # name, limit, pytest args...
+  local name=$1 lim=$2; shift 2
+  say "$name"
+  OMP_NUM_THREADS=2 FSOSR_FAILURE_LOG="$OUT_DIR/failures_$name.log" timeout -s INT -k 15 "$(limit "$lim")" \
+    $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" "$@" > "$OUT_DIR/$name.log" 2>&1
+  echo "   rc=$? $(tail -1 "$OUT_DIR/$name.log")"
+}
+want gpu && run_pytest gpu_tests 240 -m gpu tests
+want cuda && FSOSR_TEST_DEVICE=cuda run_pytest cuda_suite 240 -m "not gpu" tests/ops tests/nn
+
+if want sanitize; then
+  for tool in memcheck initcheck racecheck; do
+    say "compute-sanitizer $tool"
+    timeout "$(limit 120)" compute-sanitizer --tool "$tool" --print-limit 20 \
+      $PY tests/ops/moe_mlp_cuda_sanitize.py > "$OUT_DIR/sanitize_$tool.log" 2>&1
+    echo "   rc=$? $(grep -m1 'ERROR SUMMARY' "$OUT_DIR/sanitize_$tool.log")"
+  done
+fi
+
+if want bench; then
+  say "benchmarks"
+  FSOSR_BENCH_ROUNDS=${FSOSR_BENCH_ROUNDS:-30} timeout -s INT -k 20 "$(limit 300)" \
+    $PY -m pytest benchmarks -q -p no:cacheprovider -p no:xdist --benchmark-json="$OUT_DIR/bench.json" \
+    ${FSOSR_BENCH_FILTER:+-k "$FSOSR_BENCH_FILTER"} > "$OUT_DIR/bench.log" 2>&1
+  echo "   rc=$? $(tail -1 "$OUT_DIR/bench.log")"
+fi
+if want profile; then
+  say "kernel profile"
+  timeout "$(limit 120)" $PY benchmarks/kernel_profile.py > "$OUT_DIR/kernel_profile.txt" 2>&1
+  echo "   rc=$?"; grep "###" "$OUT_DIR/kernel_profile.txt"
+fi
+say "done; results in $OUT_DIR"
