@@ -7,7 +7,8 @@
 | cuda        | CUDA tensors, when ``fsosr._C`` has CUDA kernels     | CUDA C++                            |
 | triton      | CUDA tensors (CPU tensors under TRITON_INTERPRET=1)  | Triton                              |
 
-Automatic choice: CUDA tensors -> ``triton`` if usable, else ``cuda``, else ``reference``; CPU tensors -> ``cpu``
+Automatic choice: CUDA tensors -> ``triton`` if usable, else ``cuda``, else ``reference`` — except for the ops in
+:data:`CUDA_FIRST`, whose ``cuda`` kernels measured faster; CPU tensors -> ``cpu``
 if built, else ``reference``. A backend that is asked for by name and cannot run raises
 :class:`BackendUnavailable` saying why; there is never a silent fallback from an explicit choice.
 """
@@ -78,6 +79,14 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+# Ops whose automatic choice on CUDA tensors is ``cuda`` before ``triton``, because the cuda kernel was faster in
+# every row of the committed H100 benchmarks (benchmarks/results/2026-11-22-h100*.json): topk_route forward 91-172
+# vs 427-841 µs, forward+backward 0.61-1.04 vs 1.26-1.60 ms; masked_adamw_ 49 vs 151 µs (ViT-B/16) and 307 vs
+# 466 µs (16x the blocks) per call, where the Triton wrapper's host time dominates. moe_mlp stays Triton-first
+# (bf16 fwd+bwd 2.1 vs 3.1 ms). Re-measure when either side changes.
+CUDA_FIRST = frozenset({"topk_route", "masked_adamw_"})
+
+
 def resolve(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...] = BACKENDS) -> str:
     """The backend that runs ``op`` on tensors of ``device``; raises if an explicit choice cannot run."""
     requested = backend if backend is not None else (os.environ.get("FSOSR_BACKEND") or None)
@@ -92,7 +101,7 @@ def resolve(op: str, backend: str | None, device: torch.device, implemented: tup
             raise BackendUnavailable(f"{op}: backend {requested!r} cannot run here: {reason}")
         return requested
     if device.type == "cuda":
-        candidates = ("triton", "cuda", "reference")
+        candidates = ("cuda", "triton", "reference") if op in CUDA_FIRST else ("triton", "cuda", "reference")
     elif device.type == "cpu":
         candidates = ("cpu", "reference")
     else:

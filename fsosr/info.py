@@ -46,6 +46,7 @@ def collect() -> dict:
         "backends": usable,
         "automatic": {str(d): backends.resolve("(automatic)", None, d) for d in devices
                       if d.type == "cpu" or gpu},
+        "cuda_first_ops": sorted(backends.CUDA_FIRST),
     }
 
 
@@ -79,7 +80,8 @@ def render(facts: dict) -> str:
         lines.append(f"{name:<11} " + "  ".join(cells))
         lines.extend(f"              - {r}" for r in reasons)
     lines.append("")
-    lines.append("automatic choice: " + ", ".join(f"{d} tensors -> {b}" for d, b in facts["automatic"].items()))
+    lines.append("automatic choice: " + ", ".join(f"{d} tensors -> {b}" for d, b in facts["automatic"].items())
+                 + (f" (cuda first for {', '.join(facts['cuda_first_ops'])})" if "cuda" in facts["automatic"] else ""))
     return "\n".join(lines)
 
 

@@ -145,3 +145,20 @@ def test_usable_backends_cuda_without_gpu():
     assert "CPU tensors" in table["cpu"]
     assert isinstance(table["cuda"], str) and table["cuda"]
     assert isinstance(table["triton"], str) and table["triton"]
+
+
+def test_automatic_choice_on_cuda_follows_the_measured_per_op_order(monkeypatch):
+    """On CUDA tensors Triton comes first, except for the ops whose cuda kernels measured faster (CUDA_FIRST);
+    each falls back to the other GPU backend, then to reference, when one is unusable."""
+    usable = {"cuda", "triton"}
+    monkeypatch.setattr(backends, "why_unavailable", lambda b, d: None if b in usable else "not here")
+    cuda = torch.device("cuda")
+    assert backends.resolve("moe_mlp", None, cuda) == "triton"
+    assert backends.resolve("topk_route", None, cuda) == "cuda"
+    assert backends.resolve("masked_adamw_", None, cuda) == "cuda"
+    assert backends.resolve("masked_adamw_", None, cuda, implemented=("reference", "triton")) == "triton"
+    usable.discard("cuda")
+    assert backends.resolve("topk_route", None, cuda) == "triton"
+    usable.clear()
+    assert backends.resolve("topk_route", None, cuda) == "reference"
+    assert backends.CUDA_FIRST == {"topk_route", "masked_adamw_"}

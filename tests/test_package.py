@@ -112,6 +112,16 @@ def test_info_json_report():
     assert facts["automatic"]["cpu"] == "cpu"
 
 
+def test_info_names_the_cuda_first_ops_when_a_gpu_is_listed():
+    from fsosr import info  # noqa: PLC0415
+
+    facts = info.collect()
+    facts["automatic"] = {"cpu": "cpu"}
+    assert "cuda first" not in info.render(facts)          # no GPU listed: no CUDA choice to qualify
+    facts["automatic"]["cuda"] = "triton"
+    assert "cuda tensors -> triton (cuda first for masked_adamw_, topk_route)" in info.render(facts)
+
+
 _BROKEN_EXTENSION = textwrap.dedent("""
     import json, sys
 
