@@ -47,6 +47,21 @@ def measure(benchmark, fn, *, group: str, provider: str, baseline: str, info: di
         benchmark.extra_info["speedup_vs_" + baseline] = BASELINE_MEDIANS[group] / median
 
 
+def cuda_graphed(fn):
+    """fn captured in a CUDA graph (after warm-up on a side stream, as capture requires), returned as its replay:
+    the step without Python, dispatch or launch costs, as a training loop that captures its step would run it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 # Device-to-device copy bandwidth measured on this workplace's machines (bytes read + written per second): the
 # floor a memory-bound kernel is measured against.
 COPY_BANDWIDTH = {"H100": 3.0e12, "H200": 4.3e12}

@@ -15,7 +15,9 @@ Providers:
   masked by zero gates (FSMoE's own formulation);
 - ours: `cpu` (automatic path), and `cpu-routed` / `cpu-dense` with the path forced (FSOSR_MOE_MLP_PATH), which
   show the shape rule's choice; `triton` and `cuda` on a GPU
-  (each listed only where `backends.why_unavailable` allows it).
+  (each listed only where `backends.why_unavailable` allows it);
+- on CUDA, at the adapter shape, `<provider>-graph` for ours, grouped_mm and dense_masked: the step captured in a
+  CUDA graph and replayed, i.e. its device time without host overhead (the loop cannot be captured).
 Every fwd+bwd step starts with the gradients set to None, as a training step after zero_grad(set_to_none=True).
 """
 from __future__ import annotations
@@ -29,13 +31,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, measure, record_bandwidth
+from conftest import DEVICE, cuda_graphed, measure, record_bandwidth
 from fsosr import backends
 from fsosr.ops import moe_mlp, moe_mlp_per_expert_input, topk_route
 from fsosr.ops.moe_mlp import IMPLEMENTED
 
 OURS = [b for b in IMPLEMENTED if b != "reference" and backends.why_unavailable(b, DEVICE) is None]
 CPU_PATHS = ["cpu-routed", "cpu-dense"] if "cpu" in OURS else []
+# On a GPU, the fused providers and the stock-PyTorch ones that never sync with the host also run captured in a
+# CUDA graph ("-graph"): the device time of the step, without the host's Python and launch costs. The seeds'
+# loop cannot be captured (it reads routing results on the host).
+GRAPHED = ([f"{p}-graph" for p in ["grouped_mm", "dense_masked"] + OURS] if DEVICE.type == "cuda" else [])
 DROPOUT, SCALE = 0.1, 0.1
 
 
@@ -112,15 +118,19 @@ def moe_step(shape_name: str, provider: str, mode: str, dtype: str = "float32"):
     s = SHAPES[shape_name]
     x, logits, weights = make_inputs(s, getattr(torch, dtype))
     leaves = [x, logits, *weights]
-    path = provider.partition("-")[2]  # cpu-routed / cpu-dense: the forced path
+    graph = provider.endswith("-graph")
+    base = provider.removesuffix("-graph")
+    backend_name, _, path = base.partition("-")  # cpu-routed / cpu-dense: the forced path
+    ours = backend_name in OURS
+    route_backend = backend_name if ours else None  # ours route with the same backend; baselines automatically
 
     def forward(routing):
-        if provider == "grouped_mm":
+        if base == "grouped_mm":
             return grouped_mm_moe(s, x, routing, *weights)
-        if provider == "dense_masked":
+        if base == "dense_masked":
             return dense_masked_moe(s, x, routing, *weights)
         kwargs = dict(scale=SCALE, dropout=DROPOUT, seed=0,
-                      backend="reference" if provider == "loop" else provider.partition("-")[0])
+                      backend="reference" if base == "loop" else backend_name)
         if s.per_expert:
             return moe_mlp_per_expert_input(x, routing, *weights, **kwargs)
         return moe_mlp(x, routing, *weights, group_size=s.group, **kwargs)
@@ -131,13 +141,13 @@ def moe_step(shape_name: str, provider: str, mode: str, dtype: str = "float32"):
         if path:  # read by the cpu kernels in forward and in backward
             os.environ["FSOSR_MOE_MLP_PATH"] = path
         try:
-            y = forward(topk_route(logits, s.k, check_finite=False))
+            y = forward(topk_route(logits, s.k, check_finite=False, backend=route_backend))
             if mode == "fwd+bwd":
                 y.sum().backward()
         finally:
             os.environ.pop("FSOSR_MOE_MLP_PATH", None)
         return y
-    return fn
+    return cuda_graphed(fn) if graph else fn
 
 
 def peak_memory_mib(shape_name: str, provider: str, mode: str, dtype: str) -> float:
@@ -183,7 +193,7 @@ def run_group(benchmark, shape_name: str, provider: str, mode: str, memory: bool
                   "group_size": s.group, "per_expert_input": s.per_expert, "dtype": dtype, "mode": mode,
                   "backend": provider})
     record_bandwidth(benchmark, floor_bytes(s, mode, dtype))
-    if memory:
+    if memory and not provider.endswith("-graph"):  # a graph's memory is its pool, allocated at capture
         benchmark.extra_info["peak_memory_mib"] = peak_memory_mib(shape_name, provider, mode, dtype)
 
 
@@ -192,7 +202,7 @@ MODES = ["fwd", "fwd+bwd"]
 DTYPES = ["float32", "bfloat16"] if DEVICE.type == "cuda" else ["float32"]
 
 
-@pytest.mark.parametrize("provider", ["loop", "grouped_mm", "dense_masked"] + OURS)
+@pytest.mark.parametrize("provider", ["loop", "grouped_mm", "dense_masked"] + OURS + GRAPHED)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_moe_adapter_layer(benchmark, dtype, provider, mode):
