@@ -22,8 +22,9 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def measure(benchmark, fn, *, group: str, provider: str, baseline: str, info: dict) -> None:
-    """Time fn (warmed up, GPU-synchronised) and record provider, device and speed-up over the baseline."""
+def measure(benchmark, fn, *, group: str, provider: str, baseline: str, info: dict, rounds: int | None = None) -> None:
+    """Time fn (warmed up, GPU-synchronised) and record provider, device and speed-up over the baseline.
+    rounds: timed calls (default FSOSR_BENCH_ROUNDS, 20; at least 5)."""
     def timed():
         out = fn()
         synchronize()
@@ -37,7 +38,8 @@ def measure(benchmark, fn, *, group: str, provider: str, baseline: str, info: di
     benchmark.extra_info.update(info, provider=provider, baseline=baseline, device=str(DEVICE),
                                 device_name=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
                                 threads=torch.get_num_threads(), torch=torch.__version__)
-    benchmark.pedantic(timed, rounds=max(5, int(os.environ.get("FSOSR_BENCH_ROUNDS", "20"))), warmup_rounds=1)
+    rounds = rounds if rounds is not None else int(os.environ.get("FSOSR_BENCH_ROUNDS", "20"))
+    benchmark.pedantic(timed, rounds=max(5, rounds), warmup_rounds=1)
     if DEVICE.type == "cuda":
         benchmark.extra_info["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
     median = benchmark.stats.stats.median
