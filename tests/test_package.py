@@ -68,7 +68,7 @@ def _needed_libraries(path: str) -> list[str]:
 
 def test_extension_uses_the_shared_cxx_runtime():
     """A static copy of libstdc++ inside the extension crashes torch's error messages (two C++ runtimes in one
-    process); setup.py links the shared one and refuses a build without it."""
+    process); setup.py links the shared one and warns when a build lacks it."""
     if not sys.platform.startswith("linux"):
         return
     from fsosr import _C  # noqa: PLC0415
