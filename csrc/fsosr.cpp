@@ -54,6 +54,14 @@ TORCH_LIBRARY(fsosr, m) {
   m.def(
       "sparse_linear_bwd(Tensor grad_y, Tensor x, Tensor w_own, Tensor? w_rest, Tensor owner, Tensor expert, "
       "bool x_grad, bool weight_grad, bool rest_grad, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // MoSA's merge of the N experts (no autograd: an eval-time op; fsosr.ops.merge_experts differentiates through
+  // its reference path instead). coefficients f64 [num_experts]: coefficients[i] multiplies w_rest where expert i
+  // owns the entry (Σ_j rest_scale[j] − rest_scale[i], computed once by the caller so every backend shares it).
+  // merged = (w_own + coefficients[owner] · w_rest) / num_experts in fp32 (fp64 for fp64), rounded once to
+  // w_own's dtype; w_rest absent: w_own / num_experts. An owner value >= num_experts reads coefficient 0.
+  m.def(
+      "merge_experts(Tensor w_own, Tensor owner, Tensor? w_rest, Tensor coefficients, int num_experts) -> "
+      "Tensor");
 }
 
 #ifdef WITH_CUDA

@@ -13,6 +13,9 @@ Expert e's weight is ``W_e = where(owner == e, w_own, w_rest or 0)`` ([out, in])
    to grad_w_rest. The masked gradient is produced where dW is produced; there is no later pass over dW. When the
    output has few tiles (adapter shapes: 768 x 64 is 12 tiles) the M reduction is cut into a fixed number of
    splits that write masked fp32 partials, summed afterwards in a fixed order: deterministic, no atomics.
+4. ``_merge_kernel``: MoSA's merge ``(w_own + coefficients[owner] * w_rest) / N`` in fp32 (fp64 for fp64), the
+   product, sum and division each rounded to nearest as in the reference (launched with ``enable_fp_fusion=False``
+   so no FMA is formed, and ``tl.div_rn`` because ``/`` on fp32 is an approximate division on the GPU).
 
 The expert id comes either from a device tensor (loaded in the kernel: no host read, CUDA-graph safe) or, when it
 lives on the CPU while the weights are on the GPU, as a plain integer argument.
@@ -36,6 +39,7 @@ BLOCK_K = 32            # reduction chunk of the linear kernel
 BLOCK_O = 64            # dW tile rows (output features)
 BLOCK_I = 64            # dW tile columns (input features)
 GRAD_ROWS = 64          # rows of M per step of the weight-gradient reduction
+MERGE_BLOCK = 1024      # entries per program of merge_experts
 TARGET_PROGRAMS = 264   # ~2 programs per SM of an H100: the weight gradient splits M until it has this many
 MAX_SPLITS = 32
 
@@ -148,6 +152,28 @@ def _weight_grad_kernel(dy_ptr, x_ptr, owner_ptr, expert_ptr, expert_value, own_
         tl.store(rest_ptr + out_offsets, tl.where(mine, 0.0, acc).to(rest_ptr.dtype.element_ty), mask=tile_ok)
 
 
+@triton.jit
+def _merge_kernel(own_ptr, rest_ptr, owner_ptr, coef_ptr, num_experts, out_ptr, n,
+                  HAS_REST: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < n
+    if FP64:
+        total = tl.load(own_ptr + idx, mask=ok, other=0.0).to(tl.float64)
+    else:
+        total = tl.load(own_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    if HAS_REST:
+        owner = tl.load(owner_ptr + idx, mask=ok, other=0).to(tl.int32)
+        # fp64 coefficient of the entry's owner, cast to the compute type; an owner >= N reads 0 (no OOB read)
+        coef = tl.load(coef_ptr + owner, mask=ok & (owner < num_experts), other=0.0).to(total.dtype)
+        total = total + coef * tl.load(rest_ptr + idx, mask=ok, other=0.0).to(total.dtype)
+    divisor = tl.zeros_like(total) + num_experts  # exact: num_experts <= 256
+    if FP64:
+        merged = total / divisor  # div.rn.f64
+    else:
+        merged = tl.div_rn(total, divisor)
+    tl.store(out_ptr + idx, merged.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers (contiguous inputs; shapes already validated by fsosr.ops.sparse_adapter)
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,3 +276,19 @@ def sparse_linear_backward(grad_y, x, w_own, w_rest, owner, expert, x_grad: bool
         return partials[0] if splits == 1 else partials.sum(dim=0).to(dtype)   # fixed-order sum over splits
 
     return grad_x, (reduce(own) if weight_grad else empty()), (reduce(rest) if rest_grad else empty()), grad_bias
+
+
+def merge_experts(w_own, owner, w_rest, coefficients, num_experts: int):
+    """(w_own + coefficients[owner] * w_rest) / num_experts, rounded once to w_own's dtype (contiguous inputs;
+    coefficients fp64 [num_experts] on w_own's device)."""
+    # The interpreter converts fp32 to bf16 by truncation (the GPU rounds to nearest even): there the kernel
+    # stores its fp32 result and torch rounds it, so the interpreter gives the GPU's bits.
+    staged = _INTERPRET and w_own.dtype == torch.bfloat16
+    out = torch.empty(w_own.shape, dtype=torch.float32 if staged else w_own.dtype, device=w_own.device)
+    n = w_own.numel()
+    if n:
+        _merge_kernel[(triton.cdiv(n, MERGE_BLOCK),)](
+            w_own, w_rest if w_rest is not None else w_own, owner, coefficients, num_experts, out, n,
+            HAS_REST=w_rest is not None, FP64=w_own.dtype == torch.float64, BLOCK=MERGE_BLOCK, num_warps=4,
+            enable_fp_fusion=False)
+    return out.to(w_own.dtype) if staged else out

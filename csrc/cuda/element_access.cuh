@@ -21,13 +21,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(v);
 }
 
-// f(T{}) with T the element type of `type`.
+// f(T{}) with T the element type of `type` (fp32, fp16, bf16: the fp32-accumulating kernels).
 template <typename F>
 cudaError_t with_element_type(ElementType type, F&& f) {
   switch (type) {
     case ElementType::kFloat32: return f(float{});
     case ElementType::kFloat16: return f(__half{});
     case ElementType::kBFloat16: return f(__nv_bfloat16{});
+    case ElementType::kFloat64: break;  // not instantiated for these kernels
   }
   return cudaErrorInvalidValue;
 }

@@ -26,12 +26,14 @@ Backends (``backend=`` / ``FSOSR_BACKEND`` / automatic, see :mod:`fsosr.backends
 |-------------------------|-----------|-----------|--------|-----------------|
 | sparse_adapter_weight   | yes       | yes       | yes    | yes             |
 | sparse_linear           | yes       | yes       | yes    | yes             |
-| merge_experts           | yes       | -         | -      | -               |
+| merge_experts           | yes       | yes       | yes    | yes             |
 
 Native ops (``torch.library``, with fake implementations and autograd): ``fsosr::sparse_adapter_weight`` /
 ``_bwd`` and ``fsosr::sparse_linear_fwd`` / ``_bwd`` (C++ CPU and CUDA kernels from ``fsosr._C``), and the same
 names with a ``_triton`` suffix (``fsosr._triton.sparse_adapter``). The expert id is a 0-d int64 tensor on the
-CPU or on the weights' device, so a CUDA call never reads device memory on the host.
+CPU or on the weights' device, so a CUDA call never reads device memory on the host. ``fsosr::merge_experts`` and
+``fsosr::merge_experts_triton`` have fake implementations but no autograd (merging is an eval-time operation):
+:func:`merge_experts` runs them only when nothing needs a gradient, and its differentiable reference otherwise.
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ __all__ = ["MAX_EXPERTS", "masked_gradients_", "merge_experts", "sparse_adapter_
 MAX_EXPERTS = 256
 
 _IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
-_MERGE_IMPLEMENTED = ("reference",)
+_MERGE_IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
+_MERGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)   # merge_experts' native backends
 _GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # sparse_linear on triton / cuda
 
 
@@ -103,6 +106,30 @@ def _reference_linear(x, w_own, w_rest, owner, expert, bias):
     return F.linear(x, _reference_weight(w_own, owner, w_rest, expert), bias)
 
 
+def _merge_coefficients(rest_scale, num_experts: int, device: torch.device) -> torch.Tensor:
+    """fp64 [N]: coefficient i multiplies ``w_rest`` where expert i owns the entry, Σ_j rest_scale[j] − rest_scale[i]
+    (the N−1 experts that do not own it). Computed once here, on ``device``, and shared by every backend."""
+    if rest_scale is None:
+        return torch.full((num_experts,), num_experts - 1, dtype=torch.float64, device=device)
+    scale = rest_scale.to(device=device, dtype=torch.float64)
+    return scale.sum() - scale
+
+
+def _reference_merge(w_own, owner, w_rest, coefficients, num_experts: int):
+    """The native ops' arithmetic in plain torch: product, sum and true division each rounded to the compute type
+    (fp32, fp64 for fp64), one rounding to w_own's dtype. Differentiable w.r.t. w_own, w_rest and rest_scale."""
+    compute = torch.float64 if w_own.dtype == torch.float64 else torch.float32
+    # A 0-d tensor on the weights' device, not a Python number: CUDA divides by a host scalar as a multiplication
+    # by its reciprocal, which is not the correctly rounded quotient the native kernels compute.
+    divisor = torch.full((), num_experts, dtype=compute, device=w_own.device)
+    merged = w_own.to(compute)
+    if w_rest is not None:
+        # Padded to every uint8 value: an owner no expert has reads 0, as in the native kernels.
+        table = F.pad(coefficients, (0, MAX_EXPERTS - num_experts)).to(compute)
+        merged = merged + table[owner.long()] * w_rest.to(compute)
+    return (merged / divisor).to(w_own.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torch.library registration: fake implementations and autograd of the native ops
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,6 +143,10 @@ def _fake_weight_bwd(grad, owner, expert, rest_grad):
 
 def _fake_linear(x, w_own, w_rest, owner, expert, bias):
     return x.new_empty((x.shape[0], w_own.shape[0]))
+
+
+def _fake_merge(w_own, owner, w_rest, coefficients, num_experts):
+    return torch.empty_like(w_own, memory_format=torch.contiguous_format)
 
 
 def _fake_linear_bwd(grad_y, x, w_own, w_rest, owner, expert, x_grad, weight_grad, rest_grad, bias_grad):
@@ -163,6 +194,7 @@ if _extension.LOADED:
     torch.library.register_fake("fsosr::sparse_adapter_weight_bwd")(_fake_weight_bwd)
     torch.library.register_fake("fsosr::sparse_linear_fwd")(_fake_linear)
     torch.library.register_fake("fsosr::sparse_linear_bwd")(_fake_linear_bwd)
+    torch.library.register_fake("fsosr::merge_experts")(_fake_merge)   # no autograd: see merge_experts
     _register_weight_autograd("fsosr::sparse_adapter_weight", torch.ops.fsosr.sparse_adapter_weight_bwd)
     _register_linear_autograd("fsosr::sparse_linear_fwd", torch.ops.fsosr.sparse_linear_bwd)
 
@@ -199,10 +231,17 @@ def _triton_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, w_own: torch.Tenso
                                              rest_grad, bias_grad)
 
 
+@torch.library.custom_op("fsosr::merge_experts_triton", mutates_args=())
+def _triton_merge(w_own: torch.Tensor, owner: torch.Tensor, w_rest: torch.Tensor | None, coefficients: torch.Tensor,
+                  num_experts: int) -> torch.Tensor:
+    return _kernels().merge_experts(w_own, owner, w_rest, coefficients, num_experts)
+
+
 _triton_weight.register_fake(_fake_weight)
 _triton_weight_bwd.register_fake(_fake_weight_bwd)
 _triton_linear.register_fake(_fake_linear)
 _triton_linear_bwd.register_fake(_fake_linear_bwd)
+_triton_merge.register_fake(_fake_merge)
 _register_weight_autograd("fsosr::sparse_adapter_weight_triton", torch.ops.fsosr.sparse_adapter_weight_bwd_triton)
 _register_linear_autograd("fsosr::sparse_linear_fwd_triton", torch.ops.fsosr.sparse_linear_bwd_triton)
 
@@ -217,6 +256,12 @@ def _linear_op(backend_name: str):
     if backend_name == "triton":
         return torch.ops.fsosr.sparse_linear_fwd_triton
     return torch.ops.fsosr.sparse_linear_fwd
+
+
+def _merge_op(backend_name: str):
+    if backend_name == "triton":
+        return torch.ops.fsosr.merge_experts_triton
+    return torch.ops.fsosr.merge_experts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,14 +343,24 @@ def merge_experts(w_own: torch.Tensor, owner: torch.Tensor, w_rest: torch.Tensor
 
     Mean_i where(owner==i, w_own, rest_scale[i]·w_rest)
         = (w_own + (Σ_j rest_scale[j] − rest_scale[owner])·w_rest) / N,
-    one elementwise pass instead of N materialised copies. With ``w_rest`` None (zeros) this is ``w_own / N``,
-    bitwise the mean of the dense copies.
+    one elementwise pass instead of N materialised copies. The coefficients ``Σ_j rest_scale[j] − rest_scale[i]``
+    are computed in fp64 once per expert and cast to the compute type (fp32 for fp16/bf16/fp32, fp64 for fp64);
+    the product, the sum and the division by N are each rounded to the compute type and the result is rounded
+    once to w_own's dtype. Every backend does exactly this, so on one device they agree bit for bit (tested). With
+    ``w_rest`` None (zeros) this is ``w_own / N``, bitwise the mean of the dense copies.
+
+    No autograd on the native backends (merging is an eval-time operation): when grad mode is on and ``w_own``,
+    ``w_rest`` or ``rest_scale`` requires grad, the same arithmetic runs as plain torch (the ``reference``
+    backend, differentiable; the chosen backend is still validated) and returns identical values.
 
     Args:
-        w_own, owner, w_rest: as in :func:`sparse_adapter_weight` (``w_rest`` unscaled here).
-        num_experts: N, 1..256.
+        w_own, owner, w_rest: as in :func:`sparse_adapter_weight` (``w_rest`` unscaled here). Native backends take
+            fp32, fp16, bf16 and fp64; non-contiguous inputs are copied.
+        num_experts: N, 1..256. On CPU tensors ``owner`` must be < N (checked; it needs a host read, which a CUDA
+            tensor would synchronise for, so there an owner >= N is not checked and reads coefficient 0).
         rest_scale: [N] per-expert multiplier of ``w_rest`` (None: all ones); computed in fp64.
-    Returns: [*S] merged weight, w_own's dtype.
+        backend: ``reference`` | ``cpu`` | ``cuda`` | ``triton``; default ``FSOSR_BACKEND`` or automatic.
+    Returns: [*S] merged weight, w_own's dtype (contiguous from the native backends).
     """
     op = "merge_experts"
     _check_compact(op, w_own, owner, w_rest)
@@ -317,17 +372,19 @@ def merge_experts(w_own: torch.Tensor, owner: torch.Tensor, w_rest: torch.Tensor
             raise ValueError(f"{op}: rest_scale must be a tensor of shape ({num_experts},), got {got}")
         if not rest_scale.is_floating_point():
             raise TypeError(f"{op}: rest_scale must be floating-point, got {rest_scale.dtype}")
-    backends.resolve(op, backend, w_own.device, implemented=_MERGE_IMPLEMENTED)
-    if w_rest is None:
-        return w_own / num_experts
-    if rest_scale is None:
-        others = torch.full((), num_experts - 1, dtype=torch.float64, device=w_own.device)
-    else:
-        scale = rest_scale.to(device=w_own.device, dtype=torch.float64)
-        others = scale.sum() - scale[owner.long()]  # Σ over the N−1 experts that do not own the entry
-    compute = torch.float64 if w_own.dtype == torch.float64 else torch.float32
-    merged = (w_own.to(compute) + others.to(compute) * w_rest.to(compute)) / num_experts
-    return merged.to(w_own.dtype)
+    chosen = backends.resolve(op, backend, w_own.device, implemented=_MERGE_IMPLEMENTED)
+    if owner.device.type == "cpu" and owner.numel() and not torch.compiler.is_compiling():
+        top = int(owner.max())
+        if top >= num_experts:
+            raise ValueError(f"{op}: owner values must be < num_experts = {num_experts}, got {top}")
+    coefficients = _merge_coefficients(rest_scale, num_experts, w_own.device)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (w_own, w_rest, rest_scale))
+    if chosen == "reference" or needs_grad:
+        return _reference_merge(w_own, owner, w_rest, coefficients, num_experts)
+    if w_own.dtype not in _MERGE_DTYPES:
+        raise TypeError(f"{op}: the {chosen} backend runs fp32, fp16, bf16 and fp64, got {w_own.dtype}")
+    return _merge_op(chosen)(w_own.contiguous(), owner.contiguous(),
+                             None if w_rest is None else w_rest.contiguous(), coefficients, num_experts)
 
 
 def masked_gradients_(expert_grads: torch.Tensor | Sequence[torch.Tensor | None], owner: torch.Tensor) -> None:
