@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from fsosr import testing
+
 DEVICE = torch.device(os.environ.get("FSOSR_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 
 # Median seconds of each group's baseline provider, filled as the baselines run (they are parametrised first),
@@ -52,15 +54,7 @@ def measure(benchmark, fn, *, group: str, provider: str, baseline: str, info: di
 def cuda_graphed(fn):
     """fn captured in a CUDA graph (after warm-up on a side stream, as capture requires), returned as its replay:
     the step without Python, dispatch or launch costs, as a training loop that captures its step would run it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = testing.capture_cuda_graph(fn, warmup=3)
     return graph.replay
 
 

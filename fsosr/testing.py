@@ -32,6 +32,22 @@ TOLERANCES = {
 }
 
 
+def capture_cuda_graph(fn: Callable[[], object], warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, output of the captured call): ``fn`` run ``warmup`` times on a side stream first (Triton compiles,
+    the allocator and autograd settle outside the capture, as capture requires), then captured once. Replaying
+    the graph reruns fn's kernels on the same buffers, so the captured output is updated in place."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph, output
+
+
 def device_under_test() -> torch.device:
     """The device op tests run on: ``FSOSR_TEST_DEVICE`` (default cpu)."""
     return torch.device(os.environ.get("FSOSR_TEST_DEVICE", "cpu"))

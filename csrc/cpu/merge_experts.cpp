@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <optional>
 
+#include "../sparse_adapter_checks.h"
+
 // No FMA contraction in what follows: the reference rounds the product before the sum (two separate torch
 // kernels), and a fused multiply-add would round once and differ in the last bit. x86-64's baseline has no FMA,
 // but other targets (aarch64) do, and GCC contracts across statements by default.
@@ -30,7 +32,6 @@ namespace fsosr {
 namespace {
 
 constexpr int64_t kMergeGrain = 1 << 15;  // entries per parallel chunk
-constexpr int64_t kOwnerValues = 256;     // every value a uint8 owner map can hold
 
 template <typename scalar_t, typename acc_t>
 void merge_range(const scalar_t* own, const scalar_t* rest, const uint8_t* owner, const acc_t* table, acc_t n,
@@ -48,28 +49,8 @@ void merge_range(const scalar_t* own, const scalar_t* rest, const uint8_t* owner
 
 at::Tensor merge_experts_cpu(const at::Tensor& w_own, const at::Tensor& owner, const std::optional<at::Tensor>& w_rest,
                              const at::Tensor& coefficients, int64_t num_experts) {
-  constexpr const char* op = "merge_experts";
-  TORCH_CHECK_TYPE(at::isFloatingType(w_own.scalar_type()), op, ": w_own must be floating point, got ",
-                   w_own.scalar_type());
-  TORCH_CHECK_TYPE(owner.scalar_type() == at::kByte, op, ": owner must be uint8, got ", owner.scalar_type());
-  TORCH_CHECK_VALUE(owner.sizes() == w_own.sizes(), op, ": owner must have w_own's shape ", w_own.sizes(), ", got ",
-                    owner.sizes());
-  TORCH_CHECK_VALUE(w_own.device().is_cpu() && owner.device().is_cpu(), op, ": tensors must be on the CPU");
-  const bool has_rest = w_rest.has_value() && w_rest->defined();
-  if (has_rest) {
-    TORCH_CHECK_TYPE(w_rest->scalar_type() == w_own.scalar_type(), op, ": w_rest must have w_own's dtype ",
-                     w_own.scalar_type(), ", got ", w_rest->scalar_type());
-    TORCH_CHECK_VALUE(w_rest->sizes() == w_own.sizes(), op, ": w_rest must have w_own's shape ", w_own.sizes(),
-                      ", got ", w_rest->sizes());
-    TORCH_CHECK_VALUE(w_rest->device().is_cpu(), op, ": w_rest must be on the CPU");
-  }
-  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts <= kOwnerValues, op, ": num_experts must be in [1, ",
-                    kOwnerValues, "], got ", num_experts);
-  TORCH_CHECK_TYPE(coefficients.scalar_type() == at::kDouble, op, ": coefficients must be float64, got ",
-                   coefficients.scalar_type());
-  TORCH_CHECK_VALUE(coefficients.dim() == 1 && coefficients.size(0) == num_experts, op,
-                    ": coefficients must be [num_experts = ", num_experts, "], got shape ", coefficients.sizes());
-  TORCH_CHECK_VALUE(coefficients.device().is_cpu(), op, ": coefficients must be on the CPU");
+  TORCH_CHECK_VALUE(w_own.device().is_cpu(), "merge_experts: tensors must be on the CPU, got ", w_own.device());
+  const bool has_rest = check_merge_experts_inputs(w_own, owner, w_rest, coefficients, num_experts);
 
   const at::Tensor own = w_own.contiguous(), map = owner.contiguous();
   const at::Tensor rest = has_rest ? w_rest->contiguous() : at::Tensor();
@@ -81,7 +62,7 @@ at::Tensor merge_experts_cpu(const at::Tensor& w_own, const at::Tensor& owner, c
     using acc_t = at::opmath_type<scalar_t>;  // float for fp16/bf16/fp32, double for fp64
     // One coefficient per possible owner value, cast from fp64 once per expert; values no expert has (owner >=
     // num_experts) read 0, so a bad map never reads out of bounds.
-    std::array<acc_t, kOwnerValues> table{};
+    std::array<acc_t, kMergeOwnerValues> table{};
     const double* c = coef.data_ptr<double>();
     for (int64_t k = 0; k < num_experts; ++k) table[k] = static_cast<acc_t>(c[k]);
     const auto divisor = static_cast<acc_t>(num_experts);

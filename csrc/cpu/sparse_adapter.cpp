@@ -19,6 +19,8 @@
 #include <optional>
 #include <tuple>
 
+#include "../sparse_adapter_checks.h"
+
 namespace fsosr {
 namespace {
 
@@ -35,19 +37,8 @@ int64_t expert_value(const char* op, const at::Tensor& expert) {
 
 void check_compact(const char* op, const at::Tensor& w_own, const at::Tensor& owner,
                    const std::optional<at::Tensor>& w_rest) {
-  TORCH_CHECK_TYPE(at::isFloatingType(w_own.scalar_type()), op, ": w_own must be floating point, got ",
-                   w_own.scalar_type());
-  TORCH_CHECK_TYPE(owner.scalar_type() == at::kByte, op, ": owner must be uint8, got ", owner.scalar_type());
-  TORCH_CHECK_VALUE(owner.sizes() == w_own.sizes(), op, ": owner must have w_own's shape ", w_own.sizes(), ", got ",
-                    owner.sizes());
-  TORCH_CHECK_VALUE(w_own.device().is_cpu() && owner.device().is_cpu(), op, ": tensors must be on the CPU");
-  if (w_rest.has_value() && w_rest->defined()) {
-    TORCH_CHECK_TYPE(w_rest->scalar_type() == w_own.scalar_type(), op, ": w_rest must have w_own's dtype ",
-                     w_own.scalar_type(), ", got ", w_rest->scalar_type());
-    TORCH_CHECK_VALUE(w_rest->sizes() == w_own.sizes(), op, ": w_rest must have w_own's shape ", w_own.sizes(),
-                      ", got ", w_rest->sizes());
-    TORCH_CHECK_VALUE(w_rest->device().is_cpu(), op, ": w_rest must be on the CPU");
-  }
+  TORCH_CHECK_VALUE(w_own.device().is_cpu(), op, ": tensors must be on the CPU, got ", w_own.device());
+  check_compact_inputs(op, w_own, owner, w_rest);
 }
 
 template <typename bits_t>

@@ -12,13 +12,12 @@
 #include <cstdint>
 #include <optional>
 
+#include "../sparse_adapter_checks.h"
 #include "merge_experts.cuh"
 
 namespace {
 
 using fsosr::cuda::ElementType;
-
-constexpr int64_t kOwnerValues = 256;  // every value a uint8 owner map can hold
 
 // Elementwise, so fp64 runs here too (unlike the GEMM kernels).
 ElementType element_type(const char* op, at::ScalarType type) {
@@ -38,26 +37,7 @@ at::Tensor merge_experts_cuda(const at::Tensor& w_own, const at::Tensor& owner,
   constexpr const char* op = "merge_experts";
   const ElementType type = element_type(op, w_own.scalar_type());
   TORCH_CHECK_VALUE(w_own.is_cuda(), op, ": w_own must be a CUDA tensor, got ", w_own.device());
-  TORCH_CHECK_TYPE(owner.scalar_type() == at::kByte, op, ": owner must be uint8, got ", owner.scalar_type());
-  TORCH_CHECK_VALUE(owner.sizes() == w_own.sizes(), op, ": owner must have w_own's shape ", w_own.sizes(), ", got ",
-                    owner.sizes());
-  TORCH_CHECK_VALUE(owner.device() == w_own.device(), op, ": owner must be on ", w_own.device());
-  const bool has_rest = w_rest.has_value() && w_rest->defined();
-  if (has_rest) {
-    TORCH_CHECK_TYPE(w_rest->scalar_type() == w_own.scalar_type(), op, ": w_rest must have w_own's dtype ",
-                     w_own.scalar_type(), ", got ", w_rest->scalar_type());
-    TORCH_CHECK_VALUE(w_rest->sizes() == w_own.sizes(), op, ": w_rest must have w_own's shape ", w_own.sizes(),
-                      ", got ", w_rest->sizes());
-    TORCH_CHECK_VALUE(w_rest->device() == w_own.device(), op, ": w_rest must be on ", w_own.device());
-  }
-  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts <= kOwnerValues, op, ": num_experts must be in [1, ",
-                    kOwnerValues, "], got ", num_experts);
-  TORCH_CHECK_TYPE(coefficients.scalar_type() == at::kDouble, op, ": coefficients must be float64, got ",
-                   coefficients.scalar_type());
-  TORCH_CHECK_VALUE(coefficients.dim() == 1 && coefficients.size(0) == num_experts, op,
-                    ": coefficients must be [num_experts = ", num_experts, "], got shape ", coefficients.sizes());
-  TORCH_CHECK_VALUE(coefficients.device() == w_own.device(), op, ": coefficients must be on ", w_own.device());
-
+  const bool has_rest = fsosr::check_merge_experts_inputs(w_own, owner, w_rest, coefficients, num_experts);
   const c10::cuda::CUDAGuard guard(w_own.device());
   const at::Tensor own = w_own.contiguous(), map = owner.contiguous(), coef = coefficients.contiguous();
   const at::Tensor rest = has_rest ? w_rest->contiguous() : at::Tensor();

@@ -14,6 +14,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../sparse_adapter_checks.h"
 #include "sparse_adapter.cuh"
 
 namespace {
@@ -50,20 +51,8 @@ ExpertArg expert_arg(const char* op, const at::Tensor& expert, const at::Tensor&
 
 void check_compact(const char* op, const at::Tensor& w_own, const at::Tensor& owner,
                    const std::optional<at::Tensor>& w_rest) {
-  TORCH_CHECK_TYPE(at::isFloatingType(w_own.scalar_type()), op, ": w_own must be floating point, got ",
-                   w_own.scalar_type());
   TORCH_CHECK_VALUE(w_own.is_cuda(), op, ": w_own must be a CUDA tensor, got ", w_own.device());
-  TORCH_CHECK_TYPE(owner.scalar_type() == at::kByte, op, ": owner must be uint8, got ", owner.scalar_type());
-  TORCH_CHECK_VALUE(owner.sizes() == w_own.sizes(), op, ": owner must have w_own's shape ", w_own.sizes(), ", got ",
-                    owner.sizes());
-  TORCH_CHECK_VALUE(owner.device() == w_own.device(), op, ": owner must be on ", w_own.device());
-  if (w_rest.has_value() && w_rest->defined()) {
-    TORCH_CHECK_TYPE(w_rest->scalar_type() == w_own.scalar_type(), op, ": w_rest must have w_own's dtype ",
-                     w_own.scalar_type(), ", got ", w_rest->scalar_type());
-    TORCH_CHECK_VALUE(w_rest->sizes() == w_own.sizes(), op, ": w_rest must have w_own's shape ", w_own.sizes(),
-                      ", got ", w_rest->sizes());
-    TORCH_CHECK_VALUE(w_rest->device() == w_own.device(), op, ": w_rest must be on ", w_own.device());
-  }
+  fsosr::check_compact_inputs(op, w_own, owner, w_rest);
 }
 
 void check_launch(const char* op, cudaError_t err) {

@@ -329,15 +329,7 @@ def test_gpu_triton_moe_layer_captures_in_a_cuda_graph():
         routing = topk_route(logits, 2, backend="triton", check_finite=False)
         return moe_mlp(x, routing, w1, b1, w2, b2, group_size=197, scale=0.1, dropout=0.1, seed=7, backend="triton")
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            layer()  # compile the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = layer()
+    graph, captured = testing.capture_cuda_graph(layer)
     x.copy_(torch.randn_like(x))
     logits.copy_(torch.randn_like(logits))
     graph.replay()

@@ -176,15 +176,7 @@ def test_cuda_moe_layer_forward_backward_captures_in_a_cuda_graph():
         y = moe_mlp(x, routing, *params, group_size=g, scale=SCALE, dropout=0.1, seed=7, backend="cuda")
         return (y, *torch.autograd.grad(y, (x, logits, *params), grad_out))
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            layer()  # warm up (allocator, autograd) outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = layer()
+    graph, captured = testing.capture_cuda_graph(layer)
     with torch.no_grad():
         x.copy_(torch.randn_like(x))
         logits.copy_(torch.randn_like(logits))

@@ -294,15 +294,7 @@ def test_gpu_cuda_graph_capture_and_replay(backend):
     x, w_own, w_rest, owner, bias = (t.detach() for t in make_inputs(256, 768, 64, 4, device=cuda, seed=2))
     expert = torch.tensor(1, device=cuda)
     run = lambda: sparse_linear(x, w_own, w_rest, owner, expert, bias, backend=backend)  # noqa: E731
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = run()
+    graph, captured = testing.capture_cuda_graph(run)
     expert.fill_(3)
     x.copy_(torch.randn_like(x))
     graph.replay()

@@ -321,15 +321,7 @@ def test_gpu_cuda_graph_capture_and_replay(backend):
     std = torch.rand(4096, 22, device=device) + 0.1
     noise = torch.randn(4096, 22, device=device)
     run = lambda: topk_route(logits, 2, noise=noise, noise_std=std, backend=backend, check_finite=False)  # noqa
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            run()  # warm up (Triton compiles) outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = run()
+    graph, captured = testing.capture_cuda_graph(run)
     logits.copy_(torch.randn_like(logits))
     graph.replay()
     torch.cuda.synchronize()
