@@ -44,6 +44,8 @@ def measure(benchmark, fn, *, group: str, provider: str, baseline: str, info: di
     benchmark.pedantic(timed, rounds=max(5, rounds), warmup_rounds=1)
     if DEVICE.type == "cuda":
         benchmark.extra_info["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if benchmark.stats is None:  # --benchmark-disable: each callable ran once as a smoke test, nothing was timed
+        return
     median = benchmark.stats.stats.median
     if provider == baseline:
         BASELINE_MEDIANS[group] = median
@@ -66,6 +68,8 @@ COPY_BANDWIDTH = {"H100": 3.0e12, "H200": 4.3e12}
 def record_bandwidth(benchmark, floor_bytes: int) -> None:
     """extra_info: the bytes the step must move at least, the achieved rate over them, and on a known GPU the
     fraction of its measured copy bandwidth."""
+    if benchmark.stats is None:
+        return
     rate = floor_bytes / benchmark.stats.stats.median
     benchmark.extra_info.update(floor_bytes=floor_bytes, achieved_gb_s=rate / 1e9)
     if DEVICE.type == "cuda":
