@@ -5,6 +5,6 @@ The hot paths are fused ops (``fsosr.ops``) with four backends (``reference``, `
 """
 __version__ = "0.1.0"
 
-from fsosr import backends, metrics, nn, ops, scoring  # noqa: E402
+from fsosr import backends, metrics, nn, ops, optim, scoring  # noqa: E402
 
-__all__ = ["__version__", "backends", "metrics", "nn", "ops", "scoring"]
+__all__ = ["__version__", "backends", "metrics", "nn", "ops", "optim", "scoring"]
