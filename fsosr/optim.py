@@ -58,13 +58,16 @@ class MaskedAdamW(torch.optim.Optimizer):
         semantics: ``mosa`` (torch 1.11, the published numbers) | ``skip`` | ``freeze``; see
             :mod:`fsosr.ops.masked_adamw`.
         backend: forwarded to :func:`masked_adamw_` (None: automatic).
+        other_params: ``(name, parameter)`` pairs trained by the same HF AdamW step without masks (MoSA's
+            classifier head: ``model.vit.head.named_parameters(prefix="head")``). MoSA's parameter groups decide
+            their decay by name: 0 for names containing ``bias`` or ``LayerNorm.weight``, else ``weight_decay``.
 
     The state (moments and per-(tensor, expert) step counters) is in ``state_dict()`` as flat tensors.
     """
 
     def __init__(self, adapters: Iterable[SparseAdapter], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, semantics: str = "mosa",
-                 backend: str | None = None):
+                 backend: str | None = None, other_params: Iterable[tuple[str, torch.nn.Parameter]] = ()):
         self.adapters = list(adapters)
         if not self.adapters or not all(isinstance(a, SparseAdapter) for a in self.adapters):
             raise TypeError("MaskedAdamW: adapters must be a non-empty iterable of fsosr.nn.SparseAdapter modules")
@@ -75,11 +78,17 @@ class MaskedAdamW(torch.optim.Optimizer):
         self.num_experts = self.adapters[0].num_experts
         self.semantics, self.backend = semantics, backend
         self._segments = self._collect_segments(weight_decay)
+        for name, param in other_params:
+            no_decay = "bias" in name or "LayerNorm.weight" in name  # MoSA's optimizer groups, by name
+            shared = torch.full(param.shape, SHARED, dtype=torch.uint8)
+            self._segments.append(_Segment(param, shared, 0.0 if no_decay else weight_decay, adapter=-1))
         params = [s.param for s in self._segments]
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         first = params[0]
         if any(p.dtype != first.dtype or p.device != first.device for p in params):
-            raise ValueError("MaskedAdamW: every adapter parameter must have one dtype and device")
+            raise ValueError("MaskedAdamW: every parameter must have one dtype and device")
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("MaskedAdamW: a parameter appears twice (other_params repeating an adapter's?)")
         if first.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"MaskedAdamW: adapter parameters must be float32 or float64, got {first.dtype}")
         sizes = [p.numel() for p in params]

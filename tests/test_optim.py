@@ -185,3 +185,37 @@ def test_gpu_training_matches_the_cpu(backend):
         results.append({k: v.detach().cpu() for k, v in adapter.state_dict().items()})
     for key, value in results[0].items():
         torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_mosa_vit_trains_with_two_passes_and_only_adapters_and_head_move():
+    """MoSA's recipe on a tiny timm ViT: two stochastic passes per step, CE on the first plus the symmetric KL
+    consistency between the passes (research §1.4: ADD_WEIGHT 0, REG_WEIGHT 1), one MaskedAdamW for the sparse
+    adapters and the head."""
+    from fsosr.models.vit import TINY_VIT_KWARGS, build_vit  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = build_vit("vit_tiny_patch16_224", adapter=dict(placement="adaptformer", bottleneck=4, num_experts=3),
+                      num_classes=3, **TINY_VIT_KWARGS).train()
+    model.set_generator(torch.Generator().manual_seed(1))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = MaskedAdamW(model.adapters(), lr=1e-2, other_params=model.vit.head.named_parameters(prefix="head"))
+    g = torch.Generator().manual_seed(2)
+    labels = torch.arange(12) % 3
+    patterns = torch.randn(3, 3, 32, 32, generator=g)            # a learnable signal per class
+    images = patterns[labels] + 0.5 * torch.randn(12, 3, 32, 32, generator=g)
+    losses = []
+    for _ in range(30):
+        z1, z2 = model(images), model(images)
+        p1, p2 = z1.softmax(-1), z2.softmax(-1)
+        kl = 0.5 * (F.kl_div(p1.log(), p2.detach(), reduction="batchmean")
+                    + F.kl_div(p2.log(), p1.detach(), reduction="batchmean"))
+        ce = F.cross_entropy(z1, labels)
+        optimizer.zero_grad(set_to_none=True)
+        (ce + kl).backward()
+        optimizer.step()
+        losses.append(float(ce.detach()))
+    assert sum(losses[-5:]) < 0.6 * sum(losses[:5]), losses   # the draws make single steps noisy
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+    assert int(optimizer._steps[:, :-1].sum()) > 0          # the experts' own counters advanced
