@@ -138,8 +138,11 @@ class MaskedAdamW(torch.optim.Optimizer):
         per_segment = [draws[s.adapter][s.projection] if s.projection is not None else [0]
                        for s in self._segments]
         width = max(len(d) for d in per_segment)
-        padded = [d + [d[-1]] * (width - len(d)) for d in per_segment]  # a repeated draw changes nothing
-        return torch.tensor(padded, dtype=torch.int64, device=self._flat.device)
+        padded = torch.tensor([d + [d[-1]] * (width - len(d)) for d in per_segment],  # a repeated draw is a no-op
+                              dtype=torch.int64)
+        if self._flat.is_cuda:  # pinned + non_blocking: the copy waits for nothing the GPU is still running
+            return padded.pin_memory().to(self._flat.device, non_blocking=True)
+        return padded
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -149,11 +152,9 @@ class MaskedAdamW(torch.optim.Optimizer):
                 loss = closure()
         group = self.param_groups[0]
         selected = self._selected()
-        for s, view in zip(self._segments, self._grad.split([s.param.numel() for s in self._segments])):
-            if s.param.grad is None:
-                view.zero_()
-            else:
-                view.copy_(s.param.grad.reshape(-1))
+        # One concatenation into the flat gradient (a tensor without a gradient contributes zeros).
+        torch.cat([s.param.grad.reshape(-1) if s.param.grad is not None
+                   else s.param.new_zeros(s.param.numel()) for s in self._segments], out=self._grad)
         before = self._steps.clone()
         masked_adamw_(self._flat, self._grad, self._exp_avg, self._exp_avg_sq, self._owner, selected,
                       lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=self._decay,
@@ -166,7 +167,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         """W_rest of each split projection decays like the non-owned entries of the experts that stepped."""
         if self.semantics == "freeze":
             return  # freeze keeps every entry outside an expert's mask as it was
-        stepped = (self._steps > before)[:, :self.num_experts].cpu()
+        stepped = (self._steps > before)[:, :self.num_experts]  # on the device: decay_rest_ takes it without a sync
         for index, s in enumerate(self._segments):
             if s.rest_of is not None and s.rest_of.w_rest is not None and s.weight_decay:
                 s.rest_of.decay_rest_(1.0 - lr * s.weight_decay, stepped[index])

@@ -145,9 +145,16 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def decay_rest_(self, factor: float, experts) -> None:
         """Record a decoupled-decay step ``× factor`` (= 1 − lr·wd) on the non-owned entries of ``experts``
-        (a list of ids or an [N] bool mask): the experts the optimizer stepped this iteration."""
-        if self.split:
-            self.rest_scale[torch.as_tensor(experts, device=self.rest_scale.device)] *= factor
+        (a list of ids or an [N] bool mask, which may live on the device): the experts the optimizer stepped this
+        iteration. A bool mask is applied without indexing, so a CUDA mask costs no host synchronisation."""
+        if not self.split:
+            return
+        experts = torch.as_tensor(experts, device=self.rest_scale.device)
+        if experts.dtype == torch.bool:
+            # 1 + mask·(factor − 1): exactly factor where set (factor − 1 is exact for factor in [0.5, 2]), 1 elsewhere
+            self.rest_scale.mul_(1.0 + experts.to(self.rest_scale.dtype) * (float(factor) - 1.0))
+        else:
+            self.rest_scale[experts] *= factor
 
     @torch.no_grad()
     def to_dense_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
