@@ -83,12 +83,15 @@ class MaskedAdamW(torch.optim.Optimizer):
             shared = torch.full(param.shape, SHARED, dtype=torch.uint8)
             self._segments.append(_Segment(param, shared, 0.0 if no_decay else weight_decay, adapter=-1))
         params = [s.param for s in self._segments]
+        if any(not p.requires_grad for p in params):
+            raise ValueError("MaskedAdamW: every adapter tensor it trains must require grad (a frozen one would still "
+                             "be decayed); unfreeze the adapters or leave the frozen ones out")
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("MaskedAdamW: a parameter appears twice (other_params repeating an adapter's?)")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         first = params[0]
         if any(p.dtype != first.dtype or p.device != first.device for p in params):
             raise ValueError("MaskedAdamW: every parameter must have one dtype and device")
-        if len({id(p) for p in params}) != len(params):
-            raise ValueError("MaskedAdamW: a parameter appears twice (other_params repeating an adapter's?)")
         if first.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"MaskedAdamW: adapter parameters must be float32 or float64, got {first.dtype}")
         sizes = [p.numel() for p in params]

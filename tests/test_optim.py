@@ -144,6 +144,13 @@ def test_errors_say_what_is_wrong():
     optimizer = MaskedAdamW([adapter])
     with pytest.raises(RuntimeError, match="no training forward"):
         optimizer.step()
+    frozen = _adapter("up")
+    frozen.norm.requires_grad_(False)
+    with pytest.raises(ValueError, match="must require grad"):
+        MaskedAdamW([frozen])
+    with pytest.raises(ValueError, match="appears twice"):
+        shared = _adapter("up")
+        MaskedAdamW([shared], other_params=[("norm.weight", shared.norm.weight)])
 
 
 def test_several_adapters_in_one_buffer_equal_one_optimizer_each():
