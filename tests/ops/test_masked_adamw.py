@@ -218,8 +218,13 @@ def big_inputs(dtype=torch.float32, n=200_003, n_experts=4, seed=0):
         lr=1e-3, weight_decay=wd, step=steps, segment_offsets=offsets)
 
 
-def _clone(args, kwargs):
-    return [a.clone() for a in args], {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+def _clone(args, kwargs, device=None):
+    """Copies of the op's arguments (on ``device`` when given)."""
+    def copy(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.clone() if device is None else t.to(device, copy=True)
+    return [copy(a) for a in args], {k: copy(v) for k, v in kwargs.items()}
 
 
 @pytest.mark.parametrize("backend", NATIVE)
@@ -435,10 +440,9 @@ def test_gpu_matches_seed_in_fp64(backend, semantics, passes):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_gpu_matches_reference_and_is_deterministic(backend, semantics, dtype):
     args, kwargs = big_inputs(dtype=dtype, n=1_000_003)
-    cuda = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
     results = []
     for name in (backend, backend):
-        a, k = _clone([cuda(t) for t in args], {key: cuda(v) for key, v in kwargs.items()})
+        a, k = _clone(args, kwargs, "cuda")
         masked_adamw_(*a, **k, semantics=semantics, backend=name)
         results.append([t.cpu() for t in (a[0], a[2], a[3], k["step"])])
     a, k = _clone(args, kwargs)
@@ -454,8 +458,7 @@ def test_gpu_matches_reference_and_is_deterministic(backend, semantics, dtype):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_bad_owner_checked_on_request_and_harmless_otherwise(backend):
     args, kwargs = big_inputs(n=10_000)
-    args = [t.cuda() for t in args]
-    kwargs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    args, kwargs = _clone(args, kwargs, "cuda")
     args[4][777] = 7
     before = args[0].clone()
     with pytest.raises(ValueError, match="owner has a value >= N"):
@@ -469,8 +472,7 @@ def test_gpu_bad_owner_checked_on_request_and_harmless_otherwise(backend):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_cuda_graph_capture_and_replay(backend):
     args, kwargs = big_inputs(n=100_003)
-    args = [t.cuda() for t in args]
-    kwargs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    args, kwargs = _clone(args, kwargs, "cuda")
     eager_args, eager_kwargs = _clone(args, kwargs)
     step = lambda a, k: masked_adamw_(*a, **k, backend=backend, validate=False)  # noqa: E731
     warm_args, warm_kwargs = _clone(args, kwargs)
