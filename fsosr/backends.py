@@ -82,13 +82,22 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
 # Ops whose automatic choice on CUDA tensors is ``cuda`` before ``triton``, because the cuda kernel was faster in
 # every row of the committed H100 benchmarks (benchmarks/results/2026-11-22-h100*.json): topk_route forward 91-172
 # vs 427-841 µs, forward+backward 0.61-1.04 vs 1.26-1.60 ms; masked_adamw_ 49 vs 151 µs (ViT-B/16) and 307 vs
-# 466 µs (16x the blocks) per call, where the Triton wrapper's host time dominates. moe_mlp stays Triton-first
-# (bf16 fwd+bwd 2.1 vs 3.1 ms). Re-measure when either side changes.
+# 466 µs (16x the blocks) per call, where the Triton wrapper's host time dominates. moe_mlp stays Triton-first: its
+# cuda kernels are SIMT (2.1 ms of device time per bf16 adapter fwd+bwd against 0.49 ms for triton), and in a whole
+# MoE-Adapters4CL training step on an H100 (benchmarks/results/2026-11-22-h100-c.json), where the wrappers' host
+# time overlaps the backbone's GPU work, triton experts took 192.6 ms against 217.3 ms with cuda. Experts wider than
+# the Triton kernels hold on chip go to cuda through moe_mlp's shape limits. Re-measure when either side changes.
 CUDA_FIRST = frozenset({"topk_route", "masked_adamw_"})
 
 
-def resolve(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...] = BACKENDS) -> str:
-    """The backend that runs ``op`` on tensors of ``device``; raises if an explicit choice cannot run."""
+def resolve(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...] = BACKENDS,
+            unsupported: dict[str, str] | None = None) -> str:
+    """The backend that runs ``op`` on tensors of ``device``; raises if an explicit choice cannot run.
+
+    ``unsupported`` maps a backend to the reason it cannot run this call's shape (e.g. a kernel's on-chip limit):
+    the automatic choice passes over it, an explicit choice of it raises :class:`BackendUnavailable`.
+    """
+    unsupported = unsupported or {}
     requested = backend if backend is not None else (os.environ.get("FSOSR_BACKEND") or None)
     if requested is not None:
         if requested not in BACKENDS:
@@ -99,6 +108,8 @@ def resolve(op: str, backend: str | None, device: torch.device, implemented: tup
         reason = why_unavailable(requested, device)
         if reason is not None:
             raise BackendUnavailable(f"{op}: backend {requested!r} cannot run here: {reason}")
+        if requested in unsupported:
+            raise BackendUnavailable(f"{op}: backend {requested!r} cannot run this shape: {unsupported[requested]}")
         return requested
     if device.type == "cuda":
         candidates = ("cuda", "triton", "reference") if op in CUDA_FIRST else ("triton", "cuda", "reference")
@@ -107,7 +118,7 @@ def resolve(op: str, backend: str | None, device: torch.device, implemented: tup
     else:
         candidates = ("reference",)
     for candidate in candidates:
-        if candidate in implemented and why_unavailable(candidate, device) is None:
+        if candidate in implemented and candidate not in unsupported and why_unavailable(candidate, device) is None:
             return candidate
     return "reference"
 

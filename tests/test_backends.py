@@ -162,3 +162,21 @@ def test_automatic_choice_on_cuda_follows_the_measured_per_op_order(monkeypatch)
     usable.clear()
     assert backends.resolve("topk_route", None, cuda) == "reference"
     assert backends.CUDA_FIRST == {"topk_route", "masked_adamw_"}
+
+
+def test_a_shape_limit_steers_the_automatic_choice_and_refuses_an_explicit_one(monkeypatch):
+    usable = {"cuda", "triton"}
+    monkeypatch.setattr(backends, "why_unavailable", lambda b, d: None if b in usable else "not here")
+    cuda = torch.device("cuda")
+    limits = {"triton": "its tile holds h <= 128, got h = 1536"}
+    assert backends.resolve("moe_mlp", None, cuda) == "triton"
+    assert backends.resolve("moe_mlp", None, cuda, unsupported=limits) == "cuda"
+    assert backends.resolve("moe_mlp", "cuda", cuda, unsupported=limits) == "cuda"
+    with pytest.raises(BackendUnavailable, match=r"moe_mlp: backend 'triton' cannot run this shape: its tile holds"):
+        backends.resolve("moe_mlp", "triton", cuda, unsupported=limits)
+    monkeypatch.setenv("FSOSR_BACKEND", "triton")
+    with pytest.raises(BackendUnavailable, match=r"cannot run this shape"):
+        backends.resolve("moe_mlp", None, cuda, unsupported=limits)
+    usable.discard("cuda")
+    monkeypatch.delenv("FSOSR_BACKEND")
+    assert backends.resolve("moe_mlp", None, cuda, unsupported=limits) == "reference"
