@@ -6,20 +6,26 @@ sample; per-token MoE: G = 1), and FSMoE's per-expert inputs (``moe_mlp_per_expe
 Backends: ``reference`` (the seeds' per-expert loop), ``cpu`` (C++, ``fsosr::moe_mlp_fwd``/``_bwd``; routed or
 dense-masked by a shape rule, docs/ops/moe_mlp.md; ``FSOSR_MOE_MLP_PATH=routed|dense`` forces one),
 ``triton`` (``fsosr::moe_mlp_fwd_triton``/``_bwd_triton``, kernels in ``fsosr._triton.moe_mlp``) and ``cuda``
-(``fsosr::moe_mlp_fwd``/``_bwd`` on CUDA tensors, csrc/cuda/moe_mlp_*; SIMT kernels, correct on an H100, slower than ``triton`` there).
+(``fsosr::moe_mlp_fwd``/``_bwd`` on CUDA tensors, csrc/cuda/moe_mlp_*; SIMT kernels, correct on an H100, slower than ``triton`` there
+on the device, and the automatic choice for experts wider than ``TRITON_MAX_HIDDEN``; for per-expert inputs with
+E <= 4k it runs the dense-masked form on cuBLAS, ``fsosr.ops._moe_dense``).
 """
 from __future__ import annotations
 
 import torch
 
 from fsosr import _extension, backends
-from fsosr.ops import reference
+from fsosr.ops import _moe_dense, reference
 from fsosr.ops._rng import _seed_key
 from fsosr.ops.topk_route import Routing
 
 __all__ = ["moe_mlp", "moe_mlp_per_expert_input"]
 
 IMPLEMENTED = ("reference", "cpu", "triton", "cuda")
+# The Triton kernels hold a block's whole hidden row ([64, h] fp32 accumulators and [64, h] / [h, 64] weight
+# tiles) on chip; h <= 128 compiles and is tested on an H100, FSMoE's h = 1536 would need 3 MiB of shared memory.
+# Wider experts run on the cuda backend (automatically) or raise when triton is asked for by name.
+TRITON_MAX_HIDDEN = 128
 ACTIVATION_CODES = {"relu": 0, "gelu": 1, "quick_gelu": 2, "identity": 3}
 
 
@@ -149,6 +155,14 @@ def _check_dtypes(x, routing, w1, b1, w2, b2, backend_name):
            TypeError)
 
 
+def _shape_limits(w1: torch.Tensor) -> dict[str, str]:
+    hidden = w1.shape[2]
+    if hidden > TRITON_MAX_HIDDEN:
+        return {"triton": f"its kernels keep the hidden row on chip (h <= {TRITON_MAX_HIDDEN}), got h = {hidden}; "
+                          "use backend='cuda' (or leave the choice automatic)"}
+    return {}
+
+
 def _resolve_seed(seed: int | None, dropout: float) -> int:
     """The dropout seed: as given, else drawn from torch's CPU generator (no device synchronisation; pass a
     seed explicitly inside torch.compile)."""
@@ -178,7 +192,7 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, b1: torch.Tenso
     n_units = routing.indices.shape[0]
     _check(x.shape[0] == n_units * group_size,
            f"x has {x.shape[0]} rows but routing has {n_units} units of group_size={group_size}")
-    chosen = backends.resolve("moe_mlp", backend, x.device, IMPLEMENTED)
+    chosen = backends.resolve("moe_mlp", backend, x.device, IMPLEMENTED, _shape_limits(w1))
     _check_dtypes(x, routing, w1, b1, w2, b2, chosen)
     seed = _resolve_seed(seed, dropout)
     if chosen == "reference":
@@ -198,10 +212,13 @@ def moe_mlp_per_expert_input(x: torch.Tensor, routing: Routing, w1: torch.Tensor
     _check(x.shape[0] == w1.shape[0], f"x holds inputs for {x.shape[0]} experts but the weights hold {w1.shape[0]}")
     _check(x.shape[1] == routing.indices.shape[0],
            f"x has {x.shape[1]} units per expert but routing has {routing.indices.shape[0]}")
-    chosen = backends.resolve("moe_mlp", backend, x.device, IMPLEMENTED)
+    chosen = backends.resolve("moe_mlp", backend, x.device, IMPLEMENTED, _shape_limits(w1))
     _check_dtypes(x, routing, w1, b1, w2, b2, chosen)
     seed = _resolve_seed(seed, dropout)
     if chosen == "reference":
         return reference.moe_mlp_per_expert_input(x, routing.indices, routing.gates, w1, b1, w2, b2, activation,
                                                   float(scale), float(dropout), seed)
+    if chosen == "cuda" and _moe_dense.use_dense_per_expert(w1.shape[0], routing.indices.shape[1]):
+        return _moe_dense.moe_mlp_per_expert_input_dense(x, routing.indices, routing.gates, w1, b1, w2, b2,
+                                                         activation, float(scale), float(dropout), seed)
     return _run_native(x, routing, w1, b1, w2, b2, 1, activation, scale, dropout, seed, True, chosen)

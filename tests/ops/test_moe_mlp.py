@@ -183,6 +183,18 @@ def test_native_matches_reference(backend, e, k, d, h, g, n, dropout):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
+def test_native_weight_gradients_over_several_row_chunks(backend):
+    # 2 experts x 700 routed rows each: the Triton weight pass splits an expert's rows into chunks (one program
+    # each, about 4 blocks of 128 rows) and sums the chunks' fp32 partials in a second kernel.
+    fn = native_fn(1, "relu", 0.1)
+    fn.k = 2
+    inputs = native_inputs(2, 16, 16, 1, 700, torch.float32, seed=17)
+    inputs[1] = inputs[1].detach()
+    testing.compare_with_reference(fn, inputs, backend=backend, grad_outputs=[0], names=["y"], atol=1e-4,
+                                   rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
 @pytest.mark.parametrize("activation", ["gelu", "quick_gelu", "identity"])
 @pytest.mark.parametrize("per_expert", [False, True], ids=["shared", "per_expert"])
 def test_native_activations_and_fsmoe_form(backend, activation, per_expert):
@@ -335,3 +347,97 @@ def test_gpu_triton_moe_layer_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, layer())
+
+
+def test_triton_refuses_experts_wider_than_its_on_chip_hidden_row(monkeypatch):
+    """FSMoE's h = 1536 does not fit the Triton kernels' on-chip hidden row: asking for triton by name says so,
+    and the automatic choice passes triton over (on CUDA tensors it takes cuda; see the GPU test below)."""
+    from fsosr.ops.moe_mlp import TRITON_MAX_HIDDEN  # noqa: PLC0415
+
+    if backends.triton_import_error() is not None:
+        pytest.skip(backends.triton_import_error())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")   # makes triton usable on CPU tensors, so the shape rule decides
+    x = torch.randn(3, 8)
+    routing = topk_route(torch.randn(3, 2), 1, backend="reference")
+    wide = make_experts(2, 8, TRITON_MAX_HIDDEN + 1, 8, dtype=torch.float32)
+    with pytest.raises(backends.BackendUnavailable, match=rf"cannot run this shape: .*h <= {TRITON_MAX_HIDDEN}"):
+        moe_mlp(x, routing, *wide, backend="triton")
+    per_expert_x = torch.randn(2, 3, 8)
+    with pytest.raises(backends.BackendUnavailable, match=r"got h = 129"):
+        moe_mlp_per_expert_input(per_expert_x, routing, *wide, backend="triton")
+    # Automatic on CPU tensors: the cpu backend, whatever the width.
+    y = moe_mlp(x, routing, *wide)
+    torch.testing.assert_close(y, moe_mlp(x, routing, *wide, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("n_experts,k", [(1, 1), (3, 2), (11, 5), (4, 4)])
+def test_dense_per_expert_form_matches_reference(n_experts, k, activation, dropout):
+    """The cuda backend's dense-masked path for per-expert inputs (fsosr.ops._moe_dense), run here on CPU fp64
+    tensors: forward and every gradient equal the seeds' loop, dropout masks included."""
+    from fsosr.ops._moe_dense import moe_mlp_per_expert_input_dense  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(n_experts * 10 + k)
+    x = torch.randn(n_experts, 6, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(6, n_experts, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = make_experts(n_experts, 9, 13, 5, seed=k)
+    routing = topk_route(logits, k, backend="reference")
+    args = (routing.indices, routing.gates, *weights, activation, 0.5, dropout, 1234)
+    y = moe_mlp_per_expert_input_dense(x, *args)
+    expected = reference.moe_mlp_per_expert_input(x, *args)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    probe = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((y * probe).sum(), (x, logits, *weights), retain_graph=True)
+    want = torch.autograd.grad((expected * probe).sum(), (x, logits, *weights))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_dense_per_expert_shape_rule(monkeypatch):
+    from fsosr.ops._moe_dense import use_dense_per_expert  # noqa: PLC0415
+
+    monkeypatch.delenv("FSOSR_MOE_MLP_PATH", raising=False)
+    assert use_dense_per_expert(11, 5) and use_dense_per_expert(8, 2)
+    assert not use_dense_per_expert(22, 2) and not use_dense_per_expert(9, 2)
+    monkeypatch.setenv("FSOSR_MOE_MLP_PATH", "routed")
+    assert not use_dense_per_expert(11, 5)
+    monkeypatch.setenv("FSOSR_MOE_MLP_PATH", "dense")
+    assert use_dense_per_expert(22, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["automatic", "routed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_fsmoe_shape_runs_automatically_on_cuda(dtype, path, monkeypatch):
+    """FSMoE's layer experts (B 32, E 11, k 5, 768 -> 1536 -> 512): the automatic choice on CUDA tensors is the
+    cuda backend (triton cannot hold h = 1536), which takes its dense-masked path (11 <= 4 * 5); forced routed,
+    the SIMT kernels. Both match the fp64 reference, forward and backward."""
+    if path == "routed":
+        monkeypatch.setenv("FSOSR_MOE_MLP_PATH", "routed")
+    else:
+        monkeypatch.delenv("FSOSR_MOE_MLP_PATH", raising=False)
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(3)
+    x64 = torch.randn(11, 32, 768, generator=g, dtype=torch.float64)
+    logits64 = torch.randn(32, 11, generator=g, dtype=torch.float64)
+    weights64 = make_experts(11, 768, 1536, 512, seed=5)
+    probe = torch.randn(32, 512, generator=g, dtype=torch.float64)
+    assert backends.resolve("moe_mlp", None, device, unsupported={"triton": "wide"}) == "cuda"
+
+    def run(x, logits, weights, backend):
+        x = x.detach().requires_grad_()
+        routing = topk_route(logits, 5, backend="reference" if backend == "reference" else None)
+        y = moe_mlp_per_expert_input(x, routing, *weights, backend=backend)
+        grads = torch.autograd.grad((y * probe.to(y)).sum(), (x, *weights))
+        return y, grads
+
+    rounded = lambda t: t.detach().to(dtype).double()  # noqa: E731 - the reference sees the inputs the GPU sees
+    y_ref, grads_ref = run(rounded(x64), rounded(logits64), [rounded(w).requires_grad_() for w in weights64],
+                           "reference")
+    weights = [w.detach().to(device, dtype).requires_grad_() for w in weights64]
+    y, grads = run(x64.to(device, dtype), logits64.to(device, dtype), weights, None)
+    tol = dict(rtol=0, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=0, atol=1e-5)
+    for got, want in zip((y, *grads), (y_ref, *grads_ref)):     # compared relative to each tensor's largest entry
+        scale = want.abs().max()
+        torch.testing.assert_close(got.double().cpu() / scale, want / scale, **tol)
