@@ -23,8 +23,9 @@ Kernels (all launch grids come from shapes alone: no host synchronisation, CUDA-
    dpre, grad_x = dpre @ w1[e]^T with the forward's combine rule (per-expert input: a direct store, since a unit
    picks an expert at most once). Saves dpre (fp32) and gate*scale*hid (input dtype) in routed-row order.
 4. ``_backward_weights_kernel``: grid (E, S, d blocks + d_out blocks). Split s of expert e reduces a fixed chunk
-   of the expert's routed rows into an fp32 workspace [S, E, ...]; the S partials are then summed by torch. Chunk
-   bounds depend on offsets and shapes only, so weight gradients are bitwise reproducible (no float atomics).
+   of the expert's routed rows into an fp32 workspace [S, E, ...]; ``_reduce_splits_kernel`` then sums the S
+   partials in order (one launch for the four gradients). Chunk bounds depend on offsets and shapes only, so
+   weight gradients are bitwise reproducible (no float atomics).
 
 Precision: fp32 inputs use 3xTF32 dots (fp32-level accuracy). fp16/bf16 use tensor cores with fp32 accumulation;
 the hidden activations and dpre are rounded to the input dtype right before the GEMM that consumes them (as
@@ -339,6 +340,32 @@ def _backward_weights_kernel(x_ptr, dy_ptr, dpre_ptr, hid_ptr, indices_ptr, gate
         tl.store(db2_ptr + workspace * d_out + ncol, db2_acc, mask=n_ok)
 
 
+@triton.jit
+def _sum_splits(ws_ptr, out_ptr, n, num_splits, j):
+    ok = j < n
+    acc = tl.load(ws_ptr + j, mask=ok, other=0.0)
+    for s in range(1, num_splits):                      # splits in order: a fixed summation order
+        acc += tl.load(ws_ptr + s * n + j, mask=ok, other=0.0)
+    tl.store(out_ptr + j, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _reduce_splits_kernel(dw1_ws, db1_ws, dw2_ws, db2_ws, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+                          n_w1, n_b1, n_w2, n_b2, num_splits, BLOCK: tl.constexpr):
+    """grad = sum over the S row chunks of the fp32 workspace [S, n], cast to the weights' dtype; axis 1 picks
+    the tensor. One launch for the four weight gradients (it replaced eight torch ops: host time, not work)."""
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    which = tl.program_id(1)
+    if which == 0:
+        _sum_splits(dw1_ws, dw1_ptr, n_w1, num_splits, j)
+    elif which == 1:
+        _sum_splits(db1_ws, db1_ptr, n_b1, num_splits, j)
+    elif which == 2:
+        _sum_splits(dw2_ws, dw2_ptr, n_w2, num_splits, j)
+    else:
+        _sum_splits(db2_ws, db2_ptr, n_b2, num_splits, j)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
@@ -431,7 +458,8 @@ def moe_mlp_backward(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, 
     splits = _num_splits(num_rows, num_experts, d, h, d_out)
     block_d = _pow2_at_least_16(max(d, d_out), BLOCK_D)
     dw1 = torch.empty((splits, num_experts, d, h), dtype=f32, device=device)
-    db1 = torch.zeros((splits, num_experts, h), dtype=f32, device=device)     # written by d block 0, if d > 0
+    # db1 is written by the first d block of each (expert, split); without d blocks (d = 0) it stays 0.
+    db1 = (torch.empty if d > 0 else torch.zeros)((splits, num_experts, h), dtype=f32, device=device)
     dw2 = torch.empty((splits, num_experts, h, d_out), dtype=f32, device=device)
     db2 = torch.empty((splits, num_experts, d_out), dtype=f32, device=device)
     num_blocks = triton.cdiv(d, block_d) + triton.cdiv(d_out, block_d)
@@ -441,7 +469,9 @@ def moe_mlp_backward(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, 
         PER_EXPERT=bool(per_expert_input), UPCAST=upcast, BLOCK_M=WEIGHT_ROWS, BLOCK_D=block_d, H_PAD=h_pad,
         num_warps=_num_warps(h_pad * block_d // 64))       # its accumulator is [BLOCK_D, H_PAD]
 
-    def reduce(partials, like):
-        return (partials[0] if splits == 1 else partials.sum(dim=0)).to(like.dtype)
-
-    return (grad_x, grad_gates, reduce(dw1, w1), reduce(db1, b1), reduce(dw2, w2), reduce(db2, b2))
+    grads = [torch.empty_like(w) for w in (w1, b1, w2, b2)]
+    largest = max(g.numel() for g in grads)
+    if largest:
+        _reduce_splits_kernel[(triton.cdiv(largest, SUM_BLOCK), 4)](
+            dw1, db1, dw2, db2, *grads, *(g.numel() for g in grads), splits, BLOCK=SUM_BLOCK, num_warps=4)
+    return (grad_x, grad_gates, *grads)

@@ -1,12 +1,14 @@
 """Triton backend of ``fsosr.ops.topk_route`` (semantics: docs/ops/topk_route.md, oracle: fsosr/ops/reference.py).
 
-Forward = two kernels around a tiny deterministic reduction, backward = one kernel:
+Forward = three kernels, backward = one kernel:
 
 1. ``_route_rows_kernel`` (one program per block of BLOCK_N rows): ranks each row's E experts with k (+1) rounds
    of an integer ``tl.max``, writes indices / gates / next_index, and the block's partial counts, importance and
    smooth load into [num_programs, E] buffers (no float atomics, so the result is bitwise reproducible).
-2. Host side, shapes only (no synchronisation): ``sum(0)`` / ``cumsum(0)`` of the partial buffers give counts,
+2. ``_finish_kernel`` (one program): fixed-order sums and prefix sums of the partial buffers give counts,
    offsets, importance, load and, per (program, expert), where the program's first routed unit goes in ``order``.
+   (It replaced a dozen small torch ops whose host cost, 25-40 us each on the H100 machine, made the Triton
+   forward 356 us against 49 us for the cuda backend's.)
 3. ``_write_order_kernel`` (same blocks): scatters the flat ids into ``order``. A row picks an expert at most once,
    so within one program and one expert "ascending flat id" is "ascending row": an exclusive cumsum down the
    rows of the [BLOCK_N, E_PAD] selection mask is the rank inside the program, which keeps the sort stable.
@@ -150,6 +152,40 @@ def _gather_rank_tile(indices_ptr, rows64, row_ok, cols, k, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _finish_kernel(part_counts_ptr, part_importance_ptr, part_load_ptr, base_ptr, counts_ptr, offsets_ptr,
+                   importance_ptr, load_ptr, num_programs, num_experts,
+                   SMOOTH_LOAD: tl.constexpr, BLOCK_P: tl.constexpr, E_PAD: tl.constexpr):
+    cols = tl.arange(0, E_PAD)
+    col_ok = cols < num_experts
+    total = tl.zeros([E_PAD], dtype=tl.int32)
+    importance = tl.zeros([E_PAD], dtype=tl.float32)
+    load = tl.zeros([E_PAD], dtype=tl.float32)
+    for p0 in range(0, num_programs, BLOCK_P):        # blocks of programs in order: a fixed summation order
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = (p < num_programs)[:, None] & col_ok[None, :]
+        at = p[:, None] * num_experts + cols[None, :]
+        total += tl.sum(tl.load(part_counts_ptr + at, mask=ok, other=0), axis=0)
+        importance += tl.sum(tl.load(part_importance_ptr + at, mask=ok, other=0.0), axis=0)
+        if SMOOTH_LOAD:
+            load += tl.sum(tl.load(part_load_ptr + at, mask=ok, other=0.0), axis=0)
+    starts = tl.cumsum(total, axis=0) - total           # padded experts count 0, so they do not shift anything
+    tl.store(counts_ptr + cols, total, mask=col_ok)
+    tl.store(offsets_ptr + cols, starts, mask=col_ok)
+    tl.store(offsets_ptr + num_experts, tl.sum(total, axis=0))
+    tl.store(importance_ptr + cols, importance, mask=col_ok)
+    tl.store(load_ptr + cols, load if SMOOTH_LOAD else total.to(tl.float32), mask=col_ok)
+    # base[p, e] = offsets[e] + units routed to e by programs before p.
+    carry = starts
+    for p0 in range(0, num_programs, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = (p < num_programs)[:, None] & col_ok[None, :]
+        at = p[:, None] * num_experts + cols[None, :]
+        tile = tl.load(part_counts_ptr + at, mask=ok, other=0)
+        tl.store(base_ptr + at, tl.cumsum(tile, axis=0) - tile + carry[None, :], mask=ok)
+        carry += tl.sum(tile, axis=0)
+
+
+@triton.jit
 def _write_order_kernel(indices_ptr, base_ptr, order_ptr, num_units, num_experts, k,
                         BLOCK_N: tl.constexpr, E_PAD: tl.constexpr):
     pid = tl.program_id(0)
@@ -271,17 +307,14 @@ def topk_route_forward(logits, k: int, renormalize: bool, noise=None, noise_std=
         RENORMALIZE=bool(renormalize), HAS_NOISE=has_noise, HAS_NEXT=has_next,
         BLOCK_N=block_n, E_PAD=e_pad, num_warps=_NUM_WARPS, enable_fp_fusion=False)
 
-    # Fixed-order reductions over the small partial buffers (deterministic; no host synchronisation).
-    counts64 = part_counts.sum(0, dtype=torch.int64)
-    ends = counts64.cumsum(0)
-    offsets = torch.cat([ends.new_zeros(1), ends]).to(torch.int32)
-    counts = counts64.to(torch.int32)
-    importance = part_importance.sum(0)
-    load = part_load.sum(0) if smooth_load else counts.to(torch.float32)
-    # base[p, e]: slot in `order` of program p's first unit routed to e = offsets[e] + units routed to e by
-    # programs before p.
-    base = (offsets[:-1].to(torch.int64)[None, :] + part_counts.to(torch.int64).cumsum(0) - part_counts)
-    base = base.to(torch.int32).contiguous()
+    counts = torch.empty((num_experts,), dtype=torch.int32, device=device)
+    offsets = torch.empty((num_experts + 1,), dtype=torch.int32, device=device)
+    importance = torch.empty((num_experts,), dtype=torch.float32, device=device)
+    load = torch.empty((num_experts,), dtype=torch.float32, device=device)
+    base = torch.empty((num_programs, num_experts), dtype=torch.int32, device=device)
+    _finish_kernel[(1,)](part_counts, part_importance, part_load, base, counts, offsets, importance, load,
+                         num_programs, num_experts, SMOOTH_LOAD=smooth_load, BLOCK_P=block_n, E_PAD=e_pad,
+                         num_warps=_NUM_WARPS)
     _write_order_kernel[(num_programs,)](
         indices, base, order, num_units, num_experts, k,
         BLOCK_N=block_n, E_PAD=e_pad, num_warps=_NUM_WARPS)

@@ -57,6 +57,18 @@ def test_matches_reference(backend, n, e, k, renormalize, noisy):
     check_invariants(outputs, n, e, k)
 
 
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("noisy", [False, True], ids=["clean", "noisy"])
+def test_matches_reference_with_more_row_blocks_than_one_reduction_tile(backend, noisy):
+    # 4500 rows of 3 experts: 71 blocks of 64 rows, so the Triton forward's reduction over per-block partials
+    # (64 blocks per tile) takes two tiles and carries its prefix sums across them.
+    inputs = make_inputs(4500, 3, noisy=noisy, seed=45)
+    grad_outputs = [GATES, IMPORTANCE] + ([LOAD] if noisy else [])
+    outputs, _ = testing.compare_with_reference(route_fn(2, True), inputs, backend=backend,
+                                                grad_outputs=grad_outputs, names=FIELDS)
+    check_invariants(outputs, 4500, 3, 2)
+
+
 def check_invariants(outputs, n, e, k):
     indices, gates, counts, order, offsets, importance, load = outputs
     assert indices.dtype == counts.dtype == order.dtype == offsets.dtype == torch.int32
