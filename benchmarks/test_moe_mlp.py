@@ -202,9 +202,15 @@ MODES = ["fwd", "fwd+bwd"]
 DTYPES = ["float32", "bfloat16"] if DEVICE.type == "cuda" else ["float32"]
 
 
-@pytest.mark.parametrize("provider", ["loop", "grouped_mm", "dense_masked"] + OURS + GRAPHED)
+# torch's fp32 grouped_mm (no CUTLASS kernel; bf16 has one) copies its offsets to the host, which a CUDA graph
+# cannot capture: that provider exists in bf16 only.
+ADAPTER_CASES = [(dtype, provider) for dtype in DTYPES
+                 for provider in ["loop", "grouped_mm", "dense_masked"] + OURS + GRAPHED
+                 if (dtype, provider) != ("float32", "grouped_mm-graph")]
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,provider", ADAPTER_CASES)
 def test_moe_adapter_layer(benchmark, dtype, provider, mode):
     run_group(benchmark, "adapter", provider, mode, memory=True, dtype=dtype)
 
@@ -216,7 +222,10 @@ def test_moe_per_token_few_experts(benchmark, shape_name, provider, mode):
     run_group(benchmark, shape_name, provider, mode)
 
 
-@pytest.mark.parametrize("provider", ["loop", "dense_masked"] + OURS + CPU_PATHS)
+# FSMoE's h = 1536 is wider than the Triton kernels' on-chip hidden row (TRITON_MAX_HIDDEN): triton refuses it.
+# On CUDA `cuda` takes its dense-masked path here (the shape rule); `cuda-routed` forces the routed SIMT kernels.
+@pytest.mark.parametrize("provider", ["loop", "dense_masked"] + [b for b in OURS if b != "triton"] + CPU_PATHS
+                         + (["cuda-routed"] if "cuda" in OURS else []))
 @pytest.mark.parametrize("mode", MODES)
 def test_fsmoe_layer_experts(benchmark, provider, mode):
     run_group(benchmark, "fsmoe", provider, mode)

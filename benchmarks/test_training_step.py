@@ -6,7 +6,8 @@ seed trains it: image features of a batch, text features of every class prompt r
 cross-entropy, backward into the adapters and routers only, AdamW step.
 
 Providers: `loop` — the adapters and routers on the `reference` backend (the seeds' per-expert loop and routing);
-`fused` — the automatic backend (`cpu` here; on a GPU `triton` for the experts, `cuda` for the routing).
+`fused` — the automatic backend (`cpu` here; on a GPU `triton` for the experts, `cuda` for the routing);
+on a GPU also `fused-cuda` / `fused-triton`, one GPU backend for both.
 Shapes: 4 images and 10 classes on the CPU (a ViT-B/16 step takes seconds on 2 cores), 64 images and 100 classes
 on a GPU.
 """
@@ -45,9 +46,14 @@ def training_step(backend: str | None):
     return step
 
 
-@pytest.mark.parametrize("provider", ["loop", "fused"])
+# On a GPU also each GPU backend alone (routing and experts), to check the automatic choice inside a whole step,
+# where the adapters' host work overlaps the frozen towers' GPU work.
+GPU_PROVIDERS = ["fused-cuda", "fused-triton"] if DEVICE.type == "cuda" else []
+
+
+@pytest.mark.parametrize("provider", ["loop", "fused"] + GPU_PROVIDERS)
 def test_moe_adapters_training_step(benchmark, provider):
-    step = training_step("reference" if provider == "loop" else None)
+    step = training_step("reference" if provider == "loop" else provider.partition("-")[2] or None)
     measure(benchmark, step, group=f"training step MoE-Adapters ViT-B/16 B={BATCH} classes={CLASSES} E=22 k=2",
             provider=provider, baseline="loop", rounds=5,
             info={"op": "training_step", "model": "ViT-B-16", "batch": BATCH, "classes": CLASSES, "experts": 22,
