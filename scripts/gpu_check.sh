@@ -77,4 +77,7 @@ if want profile; then
   timeout "$(limit 120)" $PY benchmarks/kernel_profile.py > "$OUT_DIR/kernel_profile.txt" 2>&1
   echo "   rc=$?"; grep "###" "$OUT_DIR/kernel_profile.txt"
 fi
-say "done; results in $OUT_DIR"
+# The device tool brings back only a few files from $OUT: pack the logs into one archive (bench.json stays apart).
+( cd "$OUT_DIR" && shopt -s nullglob && logs=(./*.log ./*.txt) && (( ${#logs[@]} )) \
+    && tar czf logs.tgz --remove-files "${logs[@]}" )
+say "done; results in $OUT_DIR (logs in logs.tgz)"
