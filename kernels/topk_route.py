@@ -173,7 +173,10 @@ def _finish_kernel(part_counts_ptr, part_importance_ptr, part_load_ptr, base_ptr
     tl.store(offsets_ptr + cols, starts, mask=col_ok)
     tl.store(offsets_ptr + num_experts, tl.sum(total, axis=0))
     tl.store(importance_ptr + cols, importance, mask=col_ok)
-    tl.store(load_ptr + cols, load if SMOOTH_LOAD else total.to(tl.float32), mask=col_ok)
+    if SMOOTH_LOAD:
+        tl.store(load_ptr + cols, load, mask=col_ok)
+    else:
+        tl.store(load_ptr + cols, total.to(tl.float32), mask=col_ok)
     # base[p, e] = offsets[e] + units routed to e by programs before p.
     carry = starts
     for p0 in range(0, num_programs, BLOCK_P):
