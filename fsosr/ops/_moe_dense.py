@@ -38,11 +38,11 @@ def moe_mlp_per_expert_input_dense(x: torch.Tensor, indices: torch.Tensor, gates
     x, w1, b1, w2, b2 = (t.to(acc) for t in (x, w1, b1, w2, b2))
     num_experts, num_units, _ = x.shape
     k, hidden_width = indices.shape[1], w1.shape[2]
-    rows = torch.arange(num_units, device=x.device)
     hidden = reference.ACTIVATIONS[activation](torch.baddbmm(b1[:, None, :], x, w1))       # [E, B, h]
     if dropout > 0:
         keep = reference.dropout_keep_mask(seed, dropout, num_units, k, 1, hidden_width, x.device)[:, :, 0]
         # Expert e of unit b takes the mask of the slot j that picked it (the rows no slot picked get gate 0).
+        rows = torch.arange(num_units, device=x.device)
         mask = torch.zeros(num_experts, num_units, hidden_width, dtype=hidden.dtype, device=x.device)
         for j in range(k):
             mask[indices[:, j].long(), rows] = keep[:, j].to(hidden.dtype)
