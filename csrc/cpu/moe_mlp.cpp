@@ -10,6 +10,8 @@
 // - dense-masked (small E/k, moe_mlp_dense.cpp): every expert on every row as wide GEMMs.
 #include "moe_mlp.h"
 
+#include "gemm.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -106,7 +108,9 @@ ExpertRows expert_rows(const Problem& p, const int64_t* ord, int64_t begin, int6
       x_rows.push_back(p.per_expert_input ? n : n * p.group + t);
     }
   }
-  auto as_tensor = [](std::vector<int64_t>& v) { return at::from_blob(v.data(), {int64_t(v.size())}, at::kLong).clone(); };
+  auto as_tensor = [](std::vector<int64_t>& v) {
+    return at::from_blob(v.data(), {int64_t(v.size())}, at::kLong).clone();
+  };
   return {as_tensor(slot_rows), as_tensor(x_rows)};
 }
 
@@ -121,8 +125,9 @@ void forward_by_expert(const Problem& p, const at::Tensor& x, const at::Tensor& 
   at::Tensor slot_out = at::empty({p.units * p.k * p.group, p.d_out}, w1.options());
   for_each_task(tasks_longest_first(expert_costs(p, off, 1)), [] { return 0; }, [&](int, int64_t e) {
     const ExpertRows rows = expert_rows(p, ord, off[e], off[e + 1]);
-    const at::Tensor pre = at::addmm(b1[e], (p.per_expert_input ? x[e] : x).index_select(0, rows.x_rows).to(acc),
-                                     w1[e]);
+    const at::Tensor xe = (p.per_expert_input ? x[e] : x).index_select(0, rows.x_rows).to(acc);
+    at::Tensor pre = at::empty({xe.size(0), p.hidden}, w1.options());
+    cpu_gemm::addmm_into(pre, b1[e], xe, w1[e]);
     at::Tensor hid = at::empty_like(pre), keep = at::empty({p.group * p.hidden}, pre.options());
     const int64_t block = p.group * p.hidden;
     for (int64_t q = off[e]; q < off[e + 1]; ++q) {
@@ -132,33 +137,37 @@ void forward_by_expert(const Problem& p, const at::Tensor& x, const at::Tensor& 
                             keep.data_ptr<acc_t>());
     }
     pre_flat.index_copy_(0, rows.slot_rows, pre);
-    slot_out.index_copy_(0, rows.slot_rows, at::addmm(b2[e], hid, w2[e]));
+    at::Tensor out = at::empty({hid.size(0), p.d_out}, w1.options());
+    cpu_gemm::addmm_into(out, b2[e], hid, w2[e]);
+    slot_out.index_copy_(0, rows.slot_rows, out);
   });
   const at::Tensor weights = (gates * p.scale).view({p.units, p.k, 1, 1});
   y.copy_((slot_out.view({p.units, p.k, p.group, p.d_out}) * weights).sum(1).view(y.sizes()));
 }
 
 // All gradients for small G, by expert: one block of the expert's rows, four GEMMs, per-slot grad_x rows.
+// w1t [E, h, d_in] and w2t [E, d_out, h]: the weights transposed (copies or views, see copy_transposed_weights).
 template <typename acc_t>
 void backward_by_expert(const Problem& p, const at::Tensor& x, const at::Tensor& grad_y, const acc_t* gate,
-                        const int64_t* ord, const int64_t* off, const at::Tensor& w1, const at::Tensor& w2,
+                        const int64_t* ord, const int64_t* off, const at::Tensor& w1t, const at::Tensor& w2t,
                         const at::Tensor& b2, const at::Tensor& hidden_pre, at::Tensor& grad_x, acc_t* grad_gate,
                         at::Tensor& grad_w1, at::Tensor& grad_b1, at::Tensor& grad_w2, at::Tensor& grad_b2) {
-  const auto acc = w1.scalar_type();
+  const auto acc = w1t.scalar_type();
   const at::Tensor pre_flat = hidden_pre.view({-1, p.hidden});
   const at::Tensor grad_y_rows = grad_y.view({-1, p.d_out});
   // Every row of slot_dx is written (each (unit, slot) has one expert): no zero-fill.
-  at::Tensor slot_dx = p.per_expert_input ? at::Tensor() : at::empty({p.units * p.k * p.group, p.d_in}, w1.options());
+  at::Tensor slot_dx = p.per_expert_input ? at::Tensor() : at::empty({p.units * p.k * p.group, p.d_in}, w1t.options());
   for_each_task(tasks_longest_first(expert_costs(p, off, 1)), [] { return 0; }, [&](int, int64_t e) {
     const ExpertRows rows = expert_rows(p, ord, off[e], off[e + 1]);
     const at::Tensor xe = (p.per_expert_input ? x[e] : x).index_select(0, rows.x_rows).to(acc);
     const at::Tensor dy = grad_y_rows.index_select(0, rows.x_rows);      // y rows are x rows (see ExpertRows)
     const at::Tensor pre = pre_flat.index_select(0, rows.slot_rows);
     at::Tensor hid = at::empty_like(pre), keep = at::empty({p.group * p.hidden}, pre.options());
-    const at::Tensor dy_w2 = dy.mm(w2[e].t());
+    at::Tensor dy_w2 = at::empty({dy.size(0), p.hidden}, w1t.options());
+    cpu_gemm::matmul_into(dy_w2, dy, w2t[e], /*accumulate=*/false);
     const at::Tensor dy_b2 = dy.mv(b2[e]);
     at::Tensor dpre = at::empty_like(pre);
-    at::Tensor row_factor = at::empty({pre.size(0), 1}, w1.options());   // scale * gate of each row's slot
+    at::Tensor row_factor = at::empty({pre.size(0), 1}, w1t.options());   // scale * gate of each row's slot
     const int64_t block = p.group * p.hidden;
     for (int64_t q = off[e]; q < off[e + 1]; ++q) {
       const int64_t s = q - off[e], n = ord[q] / p.k, j = ord[q] % p.k;
@@ -171,11 +180,12 @@ void backward_by_expert(const Problem& p, const at::Tensor& x, const at::Tensor&
       grad_gate[ord[q]] = acc_t(p.scale) * dot;
       for (int64_t t = 0; t < p.group; ++t) row_factor.data_ptr<acc_t>()[s * p.group + t] = factor;
     }
-    grad_w1[e].copy_(xe.t().mm(dpre));
+    cpu_gemm::matmul_tn_into(grad_w1[e], xe, dpre);
     grad_b1[e].copy_(dpre.sum(0));
-    grad_w2[e].copy_(hid.t().mm(dy));
+    cpu_gemm::matmul_tn_into(grad_w2[e], hid, dy);
     grad_b2[e].copy_((dy * row_factor).sum(0));
-    const at::Tensor dxe = dpre.mm(w1[e].t());
+    at::Tensor dxe = at::empty({dpre.size(0), p.d_in}, w1t.options());
+    cpu_gemm::matmul_into(dxe, dpre, w1t[e], /*accumulate=*/false);
     if (p.per_expert_input) {
       grad_x[e].index_copy_(0, rows.x_rows, dxe);  // a unit picks an expert once: rows are distinct
     } else {
@@ -185,24 +195,36 @@ void backward_by_expert(const Problem& p, const at::Tensor& x, const at::Tensor&
   if (!p.per_expert_input) grad_x.copy_(slot_dx.view({p.units, p.k, p.group, p.d_in}).sum(1).view(grad_x.sizes()));
 }
 
+// x rows of slot (n, e) in the accumulation type: a pointer into x, or converted into `buffer` ([G, d_in]).
+template <typename acc_t>
+const acc_t* slot_rows_acc(const at::Tensor& x, const Problem& p, int64_t n, int64_t e, at::Tensor& buffer) {
+  if (x.scalar_type() == buffer.scalar_type()) return slot_rows(x, p, n, e).template data_ptr<acc_t>();
+  buffer.copy_(slot_rows(x, p, n, e));
+  return buffer.template data_ptr<acc_t>();
+}
+
 // y for G >= kUnitPathMinGroup, by unit: y rows of unit n = bias row + sum_j (scale*g_j*hid_j) @ w2[e_j].
+// GEMMs on raw row-major blocks (cpu_gemm::gemm: oneDNN's AVX-512 ukernel, see gemm.h).
 template <typename acc_t>
 void forward_by_unit(const Problem& p, const at::Tensor& x, const int64_t* idx, const acc_t* gate,
                      const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                      at::Tensor& hidden_pre, at::Tensor& y) {
-  const auto acc = w1.scalar_type();
-  const bool direct = y.scalar_type() == acc;  // else the unit's rows are summed in scratch, then converted
-  const acc_t* b2_data = b2.data_ptr<acc_t>();
+  const bool direct = y.scalar_type() == w1.scalar_type();  // else the unit's rows are summed in scratch
+  const acc_t *w1_data = w1.data_ptr<acc_t>(), *b1_data = b1.data_ptr<acc_t>();
+  const acc_t *w2_data = w2.data_ptr<acc_t>(), *b2_data = b2.data_ptr<acc_t>();
+  acc_t* pre_data = hidden_pre.data_ptr<acc_t>();
   struct Scratch {
-    at::Tensor hid, keep, out;
+    at::Tensor hid, keep, out, x;
     std::vector<acc_t> bias;
   };
   auto make_scratch = [&] {
     return Scratch{at::empty({p.group, p.hidden}, w1.options()), at::empty({p.group * p.hidden}, w1.options()),
-                   direct ? at::Tensor() : at::empty({p.group, p.d_out}, w1.options()), std::vector<acc_t>(p.d_out)};
+                   direct ? at::Tensor() : at::empty({p.group, p.d_out}, w1.options()),
+                   at::empty({p.group, p.d_in}, w1.options()), std::vector<acc_t>(p.d_out)};
   };
   for_each_task(all_tasks(p.units), make_scratch, [&](Scratch& s, int64_t n) {
-    at::Tensor y_unit = direct ? y.narrow(0, n * p.group, p.group) : s.out;
+    acc_t* out = direct ? y.data_ptr<acc_t>() + n * p.group * p.d_out : s.out.template data_ptr<acc_t>();
+    acc_t* hid = s.hid.template data_ptr<acc_t>();
     // The b2 terms of all k slots are one row, written to every token before the GEMMs accumulate onto it.
     std::vector<acc_t>& bias = s.bias;
     std::fill(bias.begin(), bias.end(), acc_t(0));
@@ -211,15 +233,18 @@ void forward_by_unit(const Problem& p, const at::Tensor& x, const int64_t* idx, 
       const acc_t* b = b2_data + idx[n * p.k + j] * p.d_out;
       for (int64_t c = 0; c < p.d_out; ++c) bias[c] += coef * b[c];
     }
-    acc_t* out = y_unit.data_ptr<acc_t>();
     for (int64_t t = 0; t < p.group; ++t) std::copy(bias.begin(), bias.end(), out + t * p.d_out);
     for (int64_t j = 0; j < p.k; ++j) {
       const int64_t e = idx[n * p.k + j];
-      at::Tensor pre = hidden_pre[n][j];
-      at::addmm_out(pre, b1[e], slot_rows(x, p, n, e).to(acc), w1[e]);
-      hidden_forward<acc_t>(p, dropout_base(p, n, j), p.group * p.hidden, acc_t(p.scale) * gate[n * p.k + j],
-                            pre.data_ptr<acc_t>(), s.hid.template data_ptr<acc_t>(), s.keep.template data_ptr<acc_t>());
-      y_unit.addmm_(s.hid, w2[e]);
+      acc_t* pre = pre_data + (n * p.k + j) * p.group * p.hidden;
+      const acc_t* bias1 = b1_data + e * p.hidden;
+      for (int64_t t = 0; t < p.group; ++t) std::copy(bias1, bias1 + p.hidden, pre + t * p.hidden);
+      cpu_gemm::gemm(p.group, p.hidden, p.d_in, slot_rows_acc<acc_t>(x, p, n, e, s.x), p.d_in,
+                     w1_data + e * p.d_in * p.hidden, p.hidden, pre, p.hidden, /*accumulate=*/true);
+      hidden_forward<acc_t>(p, dropout_base(p, n, j), p.group * p.hidden, acc_t(p.scale) * gate[n * p.k + j], pre,
+                            hid, s.keep.template data_ptr<acc_t>());
+      cpu_gemm::gemm(p.group, p.d_out, p.hidden, hid, p.hidden, w2_data + e * p.hidden * p.d_out, p.d_out, out,
+                     p.d_out, /*accumulate=*/true);
     }
     if (!direct) y.narrow(0, n * p.group, p.group).copy_(s.out);
   });
@@ -263,36 +288,39 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd_cpu(
 // Backward pass A for G >= kUnitPathMinGroup, by unit: grad_gates, grad_pre (d loss / d pre-activation),
 // hidden_scaled (scale * gate * drop(act(pre)), for grad_w2), the column sums of grad_y per unit and of
 // grad_pre per slot (for the bias gradients), and grad_x, whose k slots accumulate into the unit's rows.
+// w1t [E, h, d_in] and w2t [E, d_out, h]: the weights transposed (copies or views, see copy_transposed_weights).
 template <typename acc_t>
-void backward_units(const Problem& p, const at::Tensor& x, const at::Tensor& grad_y, const int64_t* idx,
-                    const acc_t* gate, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& b2,
-                    const at::Tensor& hidden_pre, at::Tensor& grad_x, acc_t* grad_gate, at::Tensor& grad_pre,
-                    at::Tensor& hidden_scaled, at::Tensor& dy_sums, at::Tensor& dpre_sums) {
-  const bool direct = grad_x.scalar_type() == w1.scalar_type();
+void backward_units(const Problem& p, const at::Tensor& grad_y, const int64_t* idx, const acc_t* gate,
+                    const at::Tensor& w1t, const at::Tensor& w2t, const at::Tensor& b2, const at::Tensor& hidden_pre,
+                    at::Tensor& grad_x, acc_t* grad_gate, at::Tensor& grad_pre, at::Tensor& hidden_scaled,
+                    at::Tensor& dy_sums, at::Tensor& dpre_sums) {
+  const bool direct = grad_x.scalar_type() == w1t.scalar_type();
+  const acc_t* pre_data = hidden_pre.data_ptr<acc_t>();
+  acc_t *dpre_data = grad_pre.data_ptr<acc_t>(), *hs_data = hidden_scaled.data_ptr<acc_t>();
   struct Scratch {
     at::Tensor dy_w2, keep, dx;
   };
   auto make_scratch = [&] {
-    return Scratch{at::empty({p.group, p.hidden}, w1.options()), at::empty({p.group * p.hidden}, w1.options()),
-                   direct ? at::Tensor() : at::empty({p.group, p.d_in}, w1.options())};
+    return Scratch{at::empty({p.group, p.hidden}, w1t.options()), at::empty({p.group * p.hidden}, w1t.options()),
+                   direct ? at::Tensor() : at::empty({p.group, p.d_in}, w1t.options())};
   };
   for_each_task(all_tasks(p.units), make_scratch, [&](Scratch& s, int64_t n) {
-    const at::Tensor dy = grad_y.narrow(0, n * p.group, p.group);
-    const acc_t* dy_data = dy.data_ptr<acc_t>();
+    const at::Tensor dy_rows = grad_y.narrow(0, n * p.group, p.group);
+    const acc_t* dy = dy_rows.data_ptr<acc_t>();
     acc_t* dy_sum = dy_sums.data_ptr<acc_t>() + n * p.d_out;
     std::fill(dy_sum, dy_sum + p.d_out, acc_t(0));
     for (int64_t t = 0; t < p.group; ++t) {
-      for (int64_t c = 0; c < p.d_out; ++c) dy_sum[c] += dy_data[t * p.d_out + c];
+      for (int64_t c = 0; c < p.d_out; ++c) dy_sum[c] += dy[t * p.d_out + c];
     }
-    at::Tensor dx_unit = direct ? grad_x.narrow(0, n * p.group, p.group) : s.dx;
+    const at::Tensor dx = direct ? grad_x.narrow(0, n * p.group, p.group) : s.dx;
+    acc_t* dy_w2 = s.dy_w2.template data_ptr<acc_t>();
     for (int64_t j = 0; j < p.k; ++j) {
-      const int64_t e = idx[n * p.k + j];
-      at::mm_out(s.dy_w2, dy, w2[e].t());
+      const int64_t e = idx[n * p.k + j], block = (n * p.k + j) * p.group * p.hidden;
+      cpu_gemm::matmul_into(s.dy_w2, dy_rows, w2t[e], /*accumulate=*/false);
       const acc_t factor = acc_t(p.scale) * gate[n * p.k + j];
-      acc_t* dp = grad_pre[n][j].data_ptr<acc_t>();
-      acc_t dot = hidden_backward<acc_t>(p, dropout_base(p, n, j), p.group * p.hidden, factor,
-                                         hidden_pre[n][j].data_ptr<acc_t>(), s.dy_w2.template data_ptr<acc_t>(),
-                                         hidden_scaled[n][j].data_ptr<acc_t>(), dp, s.keep.template data_ptr<acc_t>());
+      acc_t* dp = dpre_data + block;
+      acc_t dot = hidden_backward<acc_t>(p, dropout_base(p, n, j), p.group * p.hidden, factor, pre_data + block,
+                                         dy_w2, hs_data + block, dp, s.keep.template data_ptr<acc_t>());
       const acc_t* b = b2.data_ptr<acc_t>() + e * p.d_out;
       for (int64_t c = 0; c < p.d_out; ++c) dot += dy_sum[c] * b[c];
       grad_gate[n * p.k + j] = acc_t(p.scale) * dot;
@@ -301,11 +329,7 @@ void backward_units(const Problem& p, const at::Tensor& x, const at::Tensor& gra
       for (int64_t t = 0; t < p.group; ++t) {
         for (int64_t c = 0; c < p.hidden; ++c) dp_sum[c] += dp[t * p.hidden + c];
       }
-      if (j == 0) {
-        at::mm_out(dx_unit, grad_pre[n][j], w1[e].t());
-      } else {
-        dx_unit.addmm_(grad_pre[n][j], w1[e].t());
-      }
+      cpu_gemm::matmul_into(dx, grad_pre[n][j].view({p.group, p.hidden}), w1t[e], /*accumulate=*/j > 0);
     }
     if (!direct) grad_x.narrow(0, n * p.group, p.group).copy_(s.dx);
   });
@@ -313,14 +337,14 @@ void backward_units(const Problem& p, const at::Tensor& x, const at::Tensor& gra
 
 // Backward pass B for G >= kUnitPathMinGroup: weight gradients, each summed over its expert's (unit, slot)
 // pairs in `order` sequence by one thread. Tasks are (matrix, expert): task e < E is grad_w1[e], task E + e is
-// grad_w2[e], taken from a longest-first work queue. The first GEMM of a task overwrites, so nothing
-// is zero-filled first.
+// grad_w2[e], taken from a longest-first work queue. The GEMMs take the [G, h] blocks transposed into per-thread
+// scratch ([h, G]: row-major operands, see gemm.h); grad_w1[e] is summed transposed ([h, d_in]) and transposed
+// once at the end of its task. The first GEMM of a task overwrites, so nothing is zero-filled first.
 template <typename acc_t>
 void backward_weights(const Problem& p, const at::Tensor& x, const at::Tensor& grad_y, const acc_t* gate,
                       const int64_t* ord, const int64_t* off, const at::Tensor& grad_pre,
                       const at::Tensor& hidden_scaled, const at::Tensor& dy_sums, const at::Tensor& dpre_sums,
                       at::Tensor& grad_w1, at::Tensor& grad_b1, at::Tensor& grad_w2, at::Tensor& grad_b2) {
-  const auto acc = grad_w1.scalar_type();
   // Empty experts (cost 0) are not queued: zero their gradients here, with plain fills (each ATen zero_ would be
   // a parallel region of its own, which costs a scheduler time slice when the other core is busy).
   auto zero_rows = [](at::Tensor& t, int64_t e) {
@@ -331,28 +355,42 @@ void backward_weights(const Problem& p, const at::Tensor& x, const at::Tensor& g
     if (off[e] != off[e + 1]) continue;
     zero_rows(grad_w1, e), zero_rows(grad_b1, e), zero_rows(grad_w2, e), zero_rows(grad_b2, e);
   }
-  for_each_task(tasks_longest_first(expert_costs(p, off, 2)), [] { return 0; }, [&](int, int64_t task) {
+  struct Scratch {
+    at::Tensor block_t, dw1_t, x;
+  };
+  auto make_scratch = [&] {
+    return Scratch{at::empty({p.hidden, p.group}, grad_w1.options()), at::empty({p.hidden, p.d_in}, grad_w1.options()),
+                   at::empty({p.group, p.d_in}, grad_w1.options())};
+  };
+  const acc_t *dpre_data = grad_pre.data_ptr<acc_t>(), *hs_data = hidden_scaled.data_ptr<acc_t>();
+  for_each_task(tasks_longest_first(expert_costs(p, off, 2)), make_scratch, [&](Scratch& s, int64_t task) {
     const bool first_layer = task < p.experts;
     const int64_t e = first_layer ? task : task - p.experts;
-    at::Tensor dw = first_layer ? grad_w1[e] : grad_w2[e];
     const int64_t width = first_layer ? p.hidden : p.d_out;
     acc_t* db = (first_layer ? grad_b1 : grad_b2).data_ptr<acc_t>() + e * width;
     std::fill(db, db + width, acc_t(0));
+    acc_t* block_t = s.block_t.template data_ptr<acc_t>();
     for (int64_t q = off[e]; q < off[e + 1]; ++q) {
-      const int64_t n = ord[q] / p.k, j = ord[q] % p.k;
+      const int64_t n = ord[q] / p.k, block = ord[q] * p.group * p.hidden;
       const bool first = q == off[e];
+      cpu_gemm::transpose(p.group, p.hidden, (first_layer ? dpre_data : hs_data) + block, p.hidden, block_t,
+                          p.group);
       if (first_layer) {
-        const at::Tensor xs = x.narrow(0, n * p.group, p.group).to(acc);
-        first ? (void)at::mm_out(dw, xs.t(), grad_pre[n][j]) : (void)dw.addmm_(xs.t(), grad_pre[n][j]);
-        const acc_t* s = dpre_sums.data_ptr<acc_t>() + ord[q] * p.hidden;
-        for (int64_t c = 0; c < width; ++c) db[c] += s[c];
+        cpu_gemm::gemm(p.hidden, p.d_in, p.group, block_t, p.group, slot_rows_acc<acc_t>(x, p, n, e, s.x), p.d_in,
+                       s.dw1_t.template data_ptr<acc_t>(), p.d_in, /*accumulate=*/!first);
+        const acc_t* sums = dpre_sums.data_ptr<acc_t>() + ord[q] * p.hidden;
+        for (int64_t c = 0; c < width; ++c) db[c] += sums[c];
       } else {
-        const at::Tensor dy = grad_y.narrow(0, n * p.group, p.group);
-        first ? (void)at::mm_out(dw, hidden_scaled[n][j].t(), dy) : (void)dw.addmm_(hidden_scaled[n][j].t(), dy);
+        cpu_gemm::gemm(p.hidden, p.d_out, p.group, block_t, p.group, grad_y.data_ptr<acc_t>() + n * p.group * p.d_out,
+                       p.d_out, grad_w2.data_ptr<acc_t>() + e * p.hidden * p.d_out, p.d_out, /*accumulate=*/!first);
         const acc_t factor = acc_t(p.scale) * gate[ord[q]];
-        const acc_t* s = dy_sums.data_ptr<acc_t>() + n * p.d_out;
-        for (int64_t c = 0; c < width; ++c) db[c] += factor * s[c];
+        const acc_t* sums = dy_sums.data_ptr<acc_t>() + n * p.d_out;
+        for (int64_t c = 0; c < width; ++c) db[c] += factor * sums[c];
       }
+    }
+    if (first_layer) {
+      cpu_gemm::transpose(p.hidden, p.d_in, s.dw1_t.template data_ptr<acc_t>(), p.d_in,
+                          grad_w1.data_ptr<acc_t>() + e * p.d_in * p.hidden, p.hidden);
     }
   });
 }
@@ -389,16 +427,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       acc_t* grad_gate = grad_gates.data_ptr<acc_t>();
       const int64_t* ord = order.data_ptr<int64_t>();
       const int64_t* off = offsets.data_ptr<int64_t>();
+      // The weights transposed for the grad_x and dy @ w2^T GEMMs: a row-major copy where it pays (see
+      // copy_transposed_weights), else views.
+      const bool copy = copy_transposed_weights(p, /*dense=*/false);
+      const at::Tensor w1t = copy ? w1.transpose(1, 2).contiguous() : w1.transpose(1, 2);
+      const at::Tensor w2t = copy ? w2.transpose(1, 2).contiguous() : w2.transpose(1, 2);
       if (!unit_path) {
         grad_w1.zero_(), grad_b1.zero_(), grad_w2.zero_(), grad_b2.zero_();  // empty experts keep zeros
-        backward_by_expert<acc_t>(p, x, grad_y, gate, ord, off, w1, w2, b2, hidden_pre, grad_x, grad_gate, grad_w1,
-                                  grad_b1, grad_w2, grad_b2);
+        backward_by_expert<acc_t>(p, x, grad_y, gate, ord, off, w1t, w2t, b2, hidden_pre, grad_x, grad_gate,
+                                  grad_w1, grad_b1, grad_w2, grad_b2);
         return;
       }
       at::Tensor grad_pre = at::empty_like(hidden_pre), hidden_scaled = at::empty_like(hidden_pre);
       at::Tensor dy_sums = at::empty({p.units, p.d_out}, w1.options());
       at::Tensor dpre_sums = at::empty({p.units, p.k, p.hidden}, w1.options());
-      backward_units<acc_t>(p, x, grad_y, indices.data_ptr<int64_t>(), gate, w1, w2, b2, hidden_pre, grad_x,
+      backward_units<acc_t>(p, grad_y, indices.data_ptr<int64_t>(), gate, w1t, w2t, b2, hidden_pre, grad_x,
                             grad_gate, grad_pre, hidden_scaled, dy_sums, dpre_sums);
       backward_weights<acc_t>(p, x, grad_y, gate, ord, off, grad_pre, hidden_scaled, dy_sums, dpre_sums, grad_w1,
                               grad_b1, grad_w2, grad_b2);

@@ -79,6 +79,16 @@ template <typename acc_t>
 acc_t hidden_backward(const Problem& p, uint64_t base, int64_t count, acc_t coef, const acc_t* pre,
                       const acc_t* dyw, acc_t* hid_out, acc_t* dpre, acc_t* keep);
 
+// The backward's grad_x and dy @ w2^T GEMMs read the weights transposed. A row-major transposed copy lets them
+// run on oneDNN's AVX-512 ukernel (gemm.h: ~2.5x MKL's AVX2 sgemm per core on AMD), but the copy moves all
+// E*d*h weights: it pays off when each expert's GEMMs see enough rows (~1.5e-11 s saved per row and weight vs
+// ~1e-9 s per weight copied: >= 64 rows). FSMoE (32 images over 11 experts of 768x1536) does not: there the
+// transposed views go to at::mm, which reads them in place (copying made its backward 1.8x slower).
+inline bool copy_transposed_weights(const Problem& p, bool dense) {
+  const int64_t rows = dense ? p.experts * p.units * p.group : p.units * p.k * p.group;
+  return rows >= 64 * p.experts;
+}
+
 // The dense-masked formulation (moe_mlp_dense.cpp): every expert on every row as wide GEMMs, with the hidden
 // columns of unselected experts zeroed through their gates. Same inputs, outputs and saved tensor as the routed
 // path. `use_dense_masked` is the shape rule both directions evaluate, so backward follows forward.

@@ -10,6 +10,8 @@
 // per-expert input x [E, N, d]: buffer [E, N, h] (one batched GEMM, expert e over its own rows).
 #include "moe_mlp.h"
 
+#include "gemm.h"
+
 #include <ATen/Parallel.h>
 
 #include <cstdlib>
@@ -95,8 +97,15 @@ void dense_forward(const Problem& p, const at::Tensor& x, const at::Tensor& indi
                    at::Tensor& hidden_pre, at::Tensor& y) {
   const auto acc = w1.scalar_type();
   const at::Tensor xa = x.to(acc);
-  const at::Tensor pre = p.per_expert_input ? at::baddbmm(b1.unsqueeze(1), xa, w1)           // [E, N, h]
-                                            : at::addmm(b1.reshape({-1}), xa, w1_wide(w1));  // [N*G, E*h]
+  // GEMMs through cpu_gemm (oneDNN's AVX-512 ukernel, see gemm.h); per-expert input: one per expert, in order.
+  at::Tensor pre;
+  if (p.per_expert_input) {
+    pre = at::empty({p.experts, p.units, p.hidden}, xa.options());  // [E, N, h]
+    for (int64_t e = 0; e < p.experts; ++e) cpu_gemm::addmm_into(pre[e], b1[e], xa[e], w1[e]);
+  } else {
+    pre = at::empty({xa.size(0), p.experts * p.hidden}, xa.options());  // [N*G, E*h]
+    cpu_gemm::addmm_into(pre, b1.reshape({-1}), xa, w1_wide(w1));
+  }
   at::Tensor hid = at::zeros_like(pre);  // unpicked experts' hidden units stay 0
   AT_DISPATCH_FLOATING_TYPES(acc, "moe_mlp_dense_fwd", [&] {
     dense_epilogue<scalar_t>(p, indices.data_ptr<int64_t>(), gates.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(),
@@ -105,13 +114,14 @@ void dense_forward(const Problem& p, const at::Tensor& x, const at::Tensor& indi
   });
   // The b2 terms: one row per unit, sum_e scale * gate_e * b2[e].
   const at::Tensor bias = dense_gates(p, indices, gates).mm(b2);  // [N, d_out]
-  if (p.per_expert_input) {
-    y.copy_(at::bmm(hid, w2).sum(0) + bias);
-    return;
-  }
   at::Tensor out = y.scalar_type() == acc ? y : at::empty(y.sizes(), y.options().dtype(acc));
-  out.view({p.units, p.group, p.d_out}).copy_(bias.unsqueeze(1).expand({p.units, p.group, p.d_out}));
-  out.addmm_(hid, w2.reshape({-1, p.d_out}));
+  if (p.per_expert_input) {
+    out.copy_(bias);
+    for (int64_t e = 0; e < p.experts; ++e) cpu_gemm::matmul_into(out, hid[e], w2[e], /*accumulate=*/true);
+  } else {
+    out.view({p.units, p.group, p.d_out}).copy_(bias.unsqueeze(1).expand({p.units, p.group, p.d_out}));
+    cpu_gemm::matmul_into(out, hid, w2.reshape({-1, p.d_out}), /*accumulate=*/true);
+  }
   if (!out.is_same(y)) y.copy_(out);
 }
 
@@ -121,11 +131,20 @@ void dense_backward(const Problem& p, const at::Tensor& x, const at::Tensor& gra
                     at::Tensor& grad_b1, at::Tensor& grad_w2, at::Tensor& grad_b2) {
   const auto acc = w1.scalar_type();
   const at::Tensor xa = x.to(acc);
-  // dy broadcast to every expert (per-expert input): a stride-0 batch view, not a copy.
-  const at::Tensor dy_experts =
-      p.per_expert_input ? grad_y.unsqueeze(0).expand({p.experts, p.units, p.d_out}) : at::Tensor();
-  const at::Tensor dy_w2 = p.per_expert_input ? at::bmm(dy_experts, w2.transpose(1, 2))          // [E, N, h]
-                                              : grad_y.mm(w2.reshape({-1, p.d_out}).t());       // [N*G, E*h]
+  // The weights transposed, as row-major copies where that pays (see copy_transposed_weights), else views:
+  // w2^T [E, d_out, h] or [d_out, E*h], and w1^T [E, h, d_in] (the wide [E*h, d_in] one is a copy either way).
+  const bool copy = copy_transposed_weights(p, /*dense=*/true);
+  auto row_major_if_copy = [copy](const at::Tensor& t) { return copy ? t.contiguous() : t; };
+  const at::Tensor w2t = row_major_if_copy(p.per_expert_input ? w2.transpose(1, 2) : w2.reshape({-1, p.d_out}).t());
+  const at::Tensor w1t = row_major_if_copy(w1.transpose(1, 2));
+  at::Tensor dy_w2;
+  if (p.per_expert_input) {
+    dy_w2 = at::empty({p.experts, p.units, p.hidden}, w1.options());  // [E, N, h]
+    for (int64_t e = 0; e < p.experts; ++e) cpu_gemm::matmul_into(dy_w2[e], grad_y, w2t[e], /*accumulate=*/false);
+  } else {
+    dy_w2 = at::empty({grad_y.size(0), p.experts * p.hidden}, w1.options());  // [N*G, E*h]
+    cpu_gemm::matmul_into(dy_w2, grad_y, w2t, /*accumulate=*/false);
+  }
   at::Tensor dpre = at::zeros_like(dy_w2), hid = at::zeros_like(dy_w2);
   const at::Tensor dy_sums = p.per_expert_input ? grad_y : grad_y.view({p.units, p.group, p.d_out}).sum(1);
   AT_DISPATCH_FLOATING_TYPES(acc, "moe_mlp_dense_bwd", [&] {
@@ -135,18 +154,23 @@ void dense_backward(const Problem& p, const at::Tensor& x, const at::Tensor& gra
                              b2.data_ptr<scalar_t>(), grad_gates.data_ptr<scalar_t>());
   });
   grad_b2.copy_(dense_gates(p, indices, gates).t().mm(dy_sums));
+  at::Tensor dx = grad_x.scalar_type() == acc ? grad_x : at::empty(grad_x.sizes(), grad_x.options().dtype(acc));
   if (p.per_expert_input) {
-    grad_x.copy_(at::bmm(dpre, w1.transpose(1, 2)));
-    at::bmm_out(grad_w1, xa.transpose(1, 2), dpre);
+    for (int64_t e = 0; e < p.experts; ++e) {
+      cpu_gemm::matmul_into(dx[e], dpre[e], w1t[e], /*accumulate=*/false);
+      cpu_gemm::matmul_tn_into(grad_w1[e], xa[e], dpre[e]);
+      cpu_gemm::matmul_tn_into(grad_w2[e], hid[e], grad_y);
+    }
     at::sum_out(grad_b1, dpre, {1});
-    at::bmm_out(grad_w2, hid.transpose(1, 2), dy_experts);
-    return;
+  } else {
+    cpu_gemm::matmul_into(dx, dpre, w1t.reshape({-1, p.d_in}), /*accumulate=*/false);
+    const at::Tensor grad_w1_wide = at::empty({p.d_in, p.experts * p.hidden}, w1.options());
+    cpu_gemm::matmul_tn_into(grad_w1_wide, xa, dpre);
+    grad_w1.copy_(grad_w1_wide.view({p.d_in, p.experts, p.hidden}).permute({1, 0, 2}));
+    at::sum_out(grad_b1, dpre.view({-1, p.experts, p.hidden}), {0});
+    cpu_gemm::matmul_tn_into(grad_w2.view({-1, p.d_out}), hid, grad_y);
   }
-  grad_x.copy_(dpre.mm(w1_wide(w1).t()));
-  grad_w1.copy_(xa.t().mm(dpre).view({p.d_in, p.experts, p.hidden}).permute({1, 0, 2}));
-  at::sum_out(grad_b1, dpre.view({-1, p.experts, p.hidden}), {0});
-  at::Tensor grad_w2_wide = grad_w2.view({-1, p.d_out});
-  at::mm_out(grad_w2_wide, hid.t(), grad_y);
+  if (!dx.is_same(grad_x)) grad_x.copy_(dx);
 }
 
 }  // namespace moe_cpu

@@ -314,6 +314,59 @@ def test_cpu_automatic_path_follows_the_shape_rule(monkeypatch, e, k, g, n, per_
         torch.testing.assert_close(a, o, atol=1e-4, rtol=1e-4)
 
 
+# ------------------------------------------------------------------------- cpu: GEMM layouts (csrc/cpu/gemm.cpp)
+# fp32 GEMMs run on oneDNN's brgemm ukernel in blocks (rows of 128 once M > 256; B's column panel kept to 128k
+# values); the backward's transposed weights are row-major copies only where each expert sees >= 64 rows
+# (copy_transposed_weights), else views that go to at::mm. Cases that reach each layout, fp32 against fp64:
+# (E, k, G, N, per-expert input, forced path, what it exercises).
+GEMM_CASES = [
+    (5, 2, 300, 2, False, "routed", "unit path, G > 256: row blocks; weight grads K*N > 128k: column panels"),
+    (22, 2, 197, 1, False, "routed", "unit path, 18 rows per expert: transposed weight views"),
+    (4, 2, 1, 200, False, "routed", "by expert, 100 rows per expert: transposed weight copies"),
+    (2, 2, 1, 300, False, "dense", "dense, shared input: row blocks and transposed weight copies"),
+    (3, 3, 1, 200, True, "dense", "dense, per-expert input, 200 rows per expert: transposed weight copies"),
+    (3, 2, 1, 9, True, "routed", "FSMoE form, few rows: transposed weight views"),
+]
+
+
+@pytest.mark.skipif("cpu" not in NATIVE, reason="cpu backend not built")
+@pytest.mark.parametrize("mkldnn", [True, False], ids=["brgemm", "blas_fallback"])
+@pytest.mark.parametrize("e,k,g,n,per_expert,path,_what", GEMM_CASES, ids=[c[-1].split(":")[0] for c in GEMM_CASES])
+def test_cpu_gemm_layouts_match_fp64_reference(monkeypatch, e, k, g, n, per_expert, path, _what, mkldnn):
+    # With oneDNN disabled ATen's brgemm falls back to its BLAS gemm: both must give the same function.
+    monkeypatch.setenv("FSOSR_MOE_MLP_PATH", path)
+    fn = native_fn(g, "gelu", 0.1, per_expert)
+    fn.k = k
+    inputs = native_inputs(e, 768 if g > 1 else 97, 64 if g > 1 else 47, g, n, torch.float32, per_expert=per_expert,
+                           seed=e + g)
+    inputs[1] = inputs[1].detach()
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", mkldnn)
+    testing.compare_with_reference(fn, inputs, backend="cpu", grad_outputs=[0], names=["y"], atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.skipif("cpu" not in NATIVE, reason="cpu backend not built")
+def test_cpu_unit_path_is_bitwise_equal_at_one_and_two_threads():
+    # Each unit, and each expert's weight gradient, is computed by one thread on a block decomposition that
+    # depends on the shape only: the thread count must not change a bit.
+    fn = native_fn(300, "relu", 0.1)
+    fn.k = 2
+    inputs = native_inputs(5, 768, 64, 300, 3, torch.float32, seed=3)
+    inputs[1] = inputs[1].detach()
+    weights = [torch.randn(900, 768, generator=torch.Generator().manual_seed(1), dtype=torch.float64)]
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            outputs, grads = testing.run_with_grads(fn, inputs, "cpu", [0], weights)
+            runs.append(list(outputs) + [g for g in grads if g is not None])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(runs[0]) == 6  # y and the gradients of x, w1, b1, w2, b2
+    for one, two in zip(*runs):
+        assert torch.equal(one, two)
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -1,0 +1,142 @@
+// Row-major GEMMs on oneDNN's brgemm ukernel (see gemm.h for why).
+#include "gemm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+
+namespace fsosr {
+namespace cpu_gemm {
+namespace {
+
+// Decomposition of C into blocks, each one brgemm call. B's column panel (K x nb) is kept to about 512 KiB so
+// that it stays in L2 while the row blocks stream past it (the ukernel does not pack B: an unsplit
+// [768, 1536] B ran at half speed); rows go in blocks of 128 where M is large, so both threads get work.
+// The decomposition depends on the shape only: the same blocks run whatever the thread count.
+constexpr int64_t kPanelFloats = int64_t(128) * 1024;
+constexpr int64_t kRowBlock = 128;
+
+struct Blocks {
+  int64_t mb, nb, row_blocks, col_blocks;
+};
+
+Blocks blocks_of(int64_t M, int64_t N, int64_t K) {
+  int64_t nb = N;
+  if (K * N > kPanelFloats) nb = std::min(N, std::max<int64_t>(16, kPanelFloats / std::max<int64_t>(K, 1) / 16 * 16));
+  const int64_t mb = M > 2 * kRowBlock ? kRowBlock : M;
+  return {mb, nb, (M + mb - 1) / mb, (N + nb - 1) / nb};
+}
+
+at::Tensor view_of(const void* data, int64_t rows, int64_t cols, int64_t ld, at::ScalarType dtype) {
+  return at::from_blob(const_cast<void*>(data), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(dtype));
+}
+
+// Leading dimension of a row-major 2-D tensor, or -1 where it is not one (transposed or strided columns).
+int64_t row_major_ld(const at::Tensor& t) {
+  if (t.size(1) > 1 && t.stride(1) != 1) return -1;
+  if (t.size(0) <= 1) return std::max<int64_t>(t.size(1), 1);
+  return t.stride(0) >= t.size(1) ? t.stride(0) : -1;
+}
+
+}  // namespace
+
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+          int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate) {
+      for (int64_t r = 0; r < M; ++r) std::fill(C + r * ldc, C + r * ldc + N, 0.0f);
+    }
+    return;
+  }
+  const Blocks b = blocks_of(M, N, K);
+  auto run = [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      // Column-panel-major: a thread's consecutive tasks share B's panel.
+      const int64_t cb = task / b.row_blocks, rb = task % b.row_blocks;
+      const int64_t r0 = rb * b.mb, c0 = cb * b.nb;
+      const int64_t rows = std::min(b.mb, M - r0), cols = std::min(b.nb, N - c0);
+      at::native::cpublas::brgemm(rows, cols, K, lda, ldb, ldc, accumulate, A + r0 * lda, B + c0, C + r0 * ldc + c0,
+                                  /*is_vnni=*/false);
+    }
+  };
+  const int64_t tasks = b.row_blocks * b.col_blocks;
+  if (tasks == 1 || at::in_parallel_region()) {
+    run(0, tasks);
+  } else {
+    at::parallel_for(0, tasks, 1, run);
+  }
+}
+
+void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
+          int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  at::Tensor c = view_of(C, M, N, ldc, at::kDouble);
+  const at::Tensor a = view_of(A, M, K, lda, at::kDouble), bt = view_of(B, K, N, ldb, at::kDouble);
+  accumulate ? (void)c.addmm_(a, bt) : (void)at::mm_out(c, a, bt);
+}
+
+void matmul_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  TORCH_CHECK(out.dim() == 2 && a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) &&
+                  out.size(0) == a.size(0) && out.size(1) == b.size(1),
+              "matmul_into: shapes ", out.sizes(), " = ", a.sizes(), " @ ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == out.scalar_type() && b.scalar_type() == out.scalar_type(),
+              "matmul_into: operands of one dtype");
+  const int64_t lda = row_major_ld(a), ldb = row_major_ld(b), ldc = row_major_ld(out);
+  if (out.scalar_type() == at::kFloat && lda > 0 && ldb > 0 && ldc > 0) {
+    gemm(a.size(0), b.size(1), a.size(1), a.data_ptr<float>(), lda, b.data_ptr<float>(), ldb,
+         out.data_ptr<float>(), ldc, accumulate);
+    return;
+  }
+  at::Tensor o = out;
+  accumulate ? (void)o.addmm_(a, b) : (void)at::mm_out(o, a, b);
+}
+
+void matmul_tn_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (out.scalar_type() != at::kFloat) {
+    at::Tensor o = out;
+    at::mm_out(o, a.t(), b);
+    return;
+  }
+  const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
+  if (K * M <= K * N + M * N) {
+    matmul_into(out, a.t().contiguous(), b, /*accumulate=*/false);
+    return;
+  }
+  const at::Tensor out_t = at::empty({N, M}, out.options());
+  matmul_into(out_t, b.t().contiguous(), a, /*accumulate=*/false);
+  at::Tensor o = out;
+  o.copy_(out_t.t());
+}
+
+void addmm_into(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor o = out;
+  o.copy_(bias.reshape({1, -1}).expand(out.sizes()));
+  matmul_into(out, a, b, /*accumulate=*/true);
+}
+
+template <typename T>
+void transpose(int64_t rows, int64_t cols, const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
+  constexpr int64_t kTile = 32;
+  const int64_t row_tiles = (rows + kTile - 1) / kTile;
+  // Parallel over row tiles at the top level (weights once per call); serial inside a worker's task.
+  at::parallel_for(0, row_tiles, std::max<int64_t>(1, 16384 / (kTile * std::max<int64_t>(cols, 1))),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t rt = begin; rt < end; ++rt) {
+      const int64_t r0 = rt * kTile, r1 = std::min(rows, r0 + kTile);
+      for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+        const int64_t c1 = std::min(cols, c0 + kTile);
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t c = c0; c < c1; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+        }
+      }
+    }
+  });
+}
+
+template void transpose<float>(int64_t, int64_t, const float*, int64_t, float*, int64_t);
+template void transpose<double>(int64_t, int64_t, const double*, int64_t, double*, int64_t);
+
+}  // namespace cpu_gemm
+}  // namespace fsosr
