@@ -21,7 +21,7 @@ struct Blocks {
   int64_t mb, nb, row_blocks, col_blocks;
 };
 
-Blocks blocks_of(int64_t M, int64_t N, int64_t K) {
+[[maybe_unused]] Blocks blocks_of(int64_t M, int64_t N, int64_t K) {
   int64_t nb = N;
   if (K * N > kPanelFloats) nb = std::min(N, std::max<int64_t>(16, kPanelFloats / std::max<int64_t>(K, 1) / 16 * 16));
   const int64_t mb = M > 2 * kRowBlock ? kRowBlock : M;
@@ -30,6 +30,16 @@ Blocks blocks_of(int64_t M, int64_t N, int64_t K) {
 
 at::Tensor view_of(const void* data, int64_t rows, int64_t cols, int64_t ld, at::ScalarType dtype) {
   return at::from_blob(const_cast<void*>(data), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(dtype));
+}
+
+// C (+)= A @ B through at::mm on views of the blocks (BLAS: fp64, and fp32 where brgemm is missing).
+template <typename T>
+void aten_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+               bool accumulate) {
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  at::Tensor c = view_of(C, M, N, ldc, dtype);
+  const at::Tensor a = view_of(A, M, K, lda, dtype), b = view_of(B, K, N, ldb, dtype);
+  accumulate ? (void)c.addmm_(a, b) : (void)at::mm_out(c, a, b);
 }
 
 // Leading dimension of a row-major 2-D tensor, or -1 where it is not one (transposed or strided columns).
@@ -50,6 +60,10 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
     }
     return;
   }
+#ifndef CPUBLAS_BRGEMM_F32F32F32
+  // torch builds older than the fp32 brgemm (DESIGN supports torch >= 2.6): ATen's BLAS gemm, same results.
+  aten_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+#else
   const Blocks b = blocks_of(M, N, K);
   auto run = [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -67,14 +81,13 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
   } else {
     at::parallel_for(0, tasks, 1, run);
   }
+#endif
 }
 
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
           int64_t ldc, bool accumulate) {
   if (M == 0 || N == 0) return;
-  at::Tensor c = view_of(C, M, N, ldc, at::kDouble);
-  const at::Tensor a = view_of(A, M, K, lda, at::kDouble), bt = view_of(B, K, N, ldb, at::kDouble);
-  accumulate ? (void)c.addmm_(a, bt) : (void)at::mm_out(c, a, bt);
+  aten_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 void matmul_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
