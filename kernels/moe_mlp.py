@@ -380,6 +380,13 @@ def _upcast(dtype) -> bool:
     return _INTERPRET or dtype == torch.float32
 
 
+def _weight_block(dtype, h_pad: int) -> int:
+    # Shared memory of the weight-gradient program compiled for sm_90 by Triton 3.8 (its pipelined [BLOCK_M, .]
+    # operand tiles): fp32 data at H_PAD 128 needs 257 KiB with BLOCK_D 64, more than an H100's 227 KiB, and
+    # 177 KiB with 32; 16-bit data 176 KiB with 64 (tests/ops/test_triton_compiles.py compiles every launch).
+    return BLOCK_D // 2 if dtype == torch.float32 and h_pad > 64 else BLOCK_D
+
+
 def _sum_slots(slots, out, k, G, width):
     num_elements = out.numel()
     if num_elements:
@@ -456,7 +463,7 @@ def moe_mlp_backward(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, 
 
     # Weight pass: S fixed row chunks per expert into an fp32 workspace, then a fixed-order sum over S.
     splits = _num_splits(num_rows, num_experts, d, h, d_out)
-    block_d = _pow2_at_least_16(max(d, d_out), BLOCK_D)
+    block_d = _pow2_at_least_16(max(d, d_out), _weight_block(x.dtype, h_pad))
     dw1 = torch.empty((splits, num_experts, d, h), dtype=f32, device=device)
     # db1 is written by the first d block of each (expert, split); without d blocks (d = 0) it stays 0.
     db1 = (torch.empty if d > 0 else torch.zeros)((splits, num_experts, h), dtype=f32, device=device)

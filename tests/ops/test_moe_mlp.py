@@ -207,11 +207,12 @@ def test_native_activations_and_fsmoe_form(backend, activation, per_expert):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("hidden", [16, 128])  # 128: triton's widest hidden row (TRITON_MAX_HIDDEN)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_native_low_precision(backend, dtype):
+def test_native_low_precision(backend, dtype, hidden):
     fn = native_fn(197, "relu", 0.0)
     fn.k = 2
-    inputs = native_inputs(22, 64, 16, 197, 2, dtype, seed=9)
+    inputs = native_inputs(22, 64, hidden, 197, 2, dtype, seed=9)
     inputs[1] = inputs[1].detach()
     tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
     testing.compare_with_reference(fn, inputs, backend=backend, grad_outputs=[0], names=["y"], atol=tol, rtol=tol)

@@ -3,10 +3,16 @@
 Run by tests/ops/test_triton_compiles.py in a subprocess: ``@triton.jit`` becomes the interpreter when
 TRITON_INTERPRET=1 is set at import, which the test session does, so the compiler needs a fresh process.
 Catches what the interpreter cannot: kernels that do not compile (types, control flow) and on-chip footprints.
+
+``python triton_aot_compile.py [LAUNCH_LOG]`` prints one JSON object: ``probes`` (hand-made signatures that pin
+down shared-memory limits) and, given the log of launches triton_launch_recorder.py wrote, ``launches``: every
+recorded launch compiled, with its shared memory or the compiler's error.
 """
+import importlib
 import json
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -14,7 +20,6 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "kernels"))
 import moe_mlp as km  # noqa: E402
-import topk_route as kt  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -27,19 +32,43 @@ def shared_bytes(fn, signature: dict, constexprs: dict) -> int:
     return triton.compile(source, target=TARGET).metadata.shared
 
 
-def main() -> None:
+def upcast_as_compiled(launch: dict) -> dict:
+    """UPCAST (cast tl.dot operands to fp32) is forced on under the interpreter, whose bf16 dot is wrong; compiled,
+    the launchers set it for fp32 data only (a no-op there). Compile the value a GPU run passes."""
+    constexprs = dict(launch["constexprs"])
+    if "UPCAST" in constexprs:
+        constexprs["UPCAST"] = not any(t in ("*bf16", "*fp16") for t in launch["signature"].values())
+    return constexprs
+
+
+def compile_launch(launch: dict) -> dict:
+    fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+    constexprs = upcast_as_compiled(launch)
+    signature = {**launch["signature"], **{name: "constexpr" for name in constexprs}}
+    names = list(fn.arg_names)
+    source = ASTSource(fn=fn, signature={name: signature[name] for name in names},
+                       constexprs={(names.index(name),): value for name, value in constexprs.items()})
+    entry = {"kernel": launch["kernel"], "constexprs": constexprs, "signature": launch["signature"]}
+    try:
+        entry["shared"] = triton.compile(source, target=TARGET, options=launch["options"]).metadata.shared
+    except Exception as error:  # noqa: BLE001 - reported per launch, asserted on by the test
+        entry["error"] = f"{type(error).__name__}: {error}"[:2000]
+    return entry
+
+
+def compile_launches(log_path: str) -> list:
+    with open(log_path) as log:
+        unique = {}
+        for line in log:
+            launch = json.loads(line)
+            launch["constexprs"] = upcast_as_compiled(launch)  # the interpreter's UPCAST variants collapse
+            unique.setdefault(json.dumps(launch, sort_keys=True), launch)
+    with ProcessPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 8))) as pool:
+        return list(pool.map(compile_launch, unique.values()))
+
+
+def probes() -> dict:
     results = {}
-    finish = {"part_counts_ptr": "*i32", "part_importance_ptr": "*fp32", "part_load_ptr": "*fp32", "base_ptr": "*i32",
-              "counts_ptr": "*i32", "offsets_ptr": "*i32", "importance_ptr": "*fp32", "load_ptr": "*fp32",
-              "num_programs": "i32", "num_experts": "i32"}
-    for smooth in (False, True):
-        results[f"topk_finish smooth={smooth}"] = shared_bytes(
-            kt._finish_kernel, finish, {"SMOOTH_LOAD": smooth, "BLOCK_P": 64, "E_PAD": 32})
-    for out in ("*fp32", "*bf16"):
-        reduce = {**{f"{n}_ws": "*fp32" for n in ("dw1", "db1", "dw2", "db2")},
-                  **{f"{n}_ptr": out for n in ("dw1", "db1", "dw2", "db2")},
-                  **{n: "i32" for n in ("n_w1", "n_b1", "n_w2", "n_b2", "num_splits")}}
-        results[f"moe_reduce_splits {out}"] = shared_bytes(km._reduce_splits_kernel, reduce, {"BLOCK": km.SUM_BLOCK})
     for dtype in ("*fp32", "*bf16"):
         forward = {"x_ptr": dtype, "indices_ptr": "*i32", "gates_ptr": "*fp32", "order_ptr": "*i32", "w1_ptr": dtype,
                    "b1_ptr": dtype, "w2_ptr": dtype, "b2_ptr": dtype, "pre_ptr": "*fp32", "out_ptr": "*fp32",
@@ -50,7 +79,14 @@ def main() -> None:
                 "ACT": 0, "HAS_DROPOUT": True, "PER_EXPERT": False, "PER_SLOT_OUT": True,
                 "UPCAST": dtype == "*fp32",          # as km._upcast decides for compiled (not interpreted) runs
                 "BLOCK_M": km.BLOCK_M, "BLOCK_K": km.BLOCK_K, "BLOCK_N": km.BLOCK_N, "H_PAD": h_pad})
-    print(json.dumps(results))
+    return results
+
+
+def main() -> None:
+    out = {"probes": probes()}
+    if len(sys.argv) > 1:
+        out["launches"] = compile_launches(sys.argv[1])
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
