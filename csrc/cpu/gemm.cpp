@@ -16,6 +16,7 @@ namespace {
 // The decomposition depends on the shape only: the same blocks run whatever the thread count.
 constexpr int64_t kPanelFloats = int64_t(128) * 1024;
 constexpr int64_t kRowBlock = 128;
+constexpr int64_t kDepthBlock = 256;
 
 struct Blocks {
   int64_t mb, nb, row_blocks, col_blocks;
@@ -71,8 +72,12 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
       const int64_t cb = task / b.row_blocks, rb = task % b.row_blocks;
       const int64_t r0 = rb * b.mb, c0 = cb * b.nb;
       const int64_t rows = std::min(b.mb, M - r0), cols = std::min(b.nb, N - c0);
-      at::native::cpublas::brgemm(rows, cols, K, lda, ldb, ldc, accumulate, A + r0 * lda, B + c0, C + r0 * ldc + c0,
-                                  /*is_vnni=*/false);
+      // K in chunks: a depth that varies from call to call (an expert's routed rows, in weight gradients) would
+      // otherwise JIT-compile and cache a new kernel per value (~60 us each, kept per thread for good).
+      for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock) {
+        at::native::cpublas::brgemm(rows, cols, std::min(kDepthBlock, K - k0), lda, ldb, ldc, accumulate || k0 > 0,
+                                    A + r0 * lda + k0, B + k0 * ldb + c0, C + r0 * ldc + c0, /*is_vnni=*/false);
+      }
     }
   };
   const int64_t tasks = b.row_blocks * b.col_blocks;

@@ -19,8 +19,8 @@
 namespace fsosr {
 namespace cpu_gemm {
 
-// C = (accumulate ? C : 0) + A @ B. Blocks of C are computed by single brgemm calls on a decomposition that
-// depends only on (M, N, K), so results do not depend on the thread count. Outside a parallel region the
+// C = (accumulate ? C : 0) + A @ B. Each block of C is computed by one thread, in brgemm calls over K chunks of
+// 256, on a decomposition that depends only on (M, N, K), so results do not depend on the thread count. Outside a parallel region the
 // blocks are spread over ATen's threads; inside one (a worker's task) they run on the calling thread.
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
           int64_t ldc, bool accumulate);
