@@ -14,7 +14,9 @@ Providers:
 - `dense_masked`: stock PyTorch, every expert on every row as one wide GEMM, the unselected experts' hidden units
   masked by zero gates (FSMoE's own formulation);
 - ours: `cpu` (automatic path), and `cpu-routed` / `cpu-dense` with the path forced (FSOSR_MOE_MLP_PATH), which
-  show the shape rule's choice; `triton` and `cuda` on a GPU
+  show the shape rule's choice; `cpu-blas`: the automatic path with oneDNN switched off
+  (`torch.backends.mkldnn.enabled = False`), so that ATen's brgemm falls back to its BLAS gemm: what the cpu
+  backend's GEMM engine (csrc/cpu/gemm.h) is worth; `triton` and `cuda` on a GPU
   (each listed only where `backends.why_unavailable` allows it);
 - on CUDA, at the adapter shape, `<provider>-graph` for ours, grouped_mm and dense_masked: the step captured in a
   CUDA graph and replayed, i.e. its device time without host overhead (the loop cannot be captured).
@@ -37,7 +39,7 @@ from fsosr.ops import moe_mlp, moe_mlp_per_expert_input, topk_route
 from fsosr.ops.moe_mlp import IMPLEMENTED
 
 OURS = [b for b in IMPLEMENTED if b != "reference" and backends.why_unavailable(b, DEVICE) is None]
-CPU_PATHS = ["cpu-routed", "cpu-dense"] if "cpu" in OURS else []
+CPU_PATHS = ["cpu-routed", "cpu-dense", "cpu-blas"] if "cpu" in OURS else []
 # On a GPU, the fused providers and the stock-PyTorch ones that never sync with the host also run captured in a
 # CUDA graph ("-graph"): the device time of the step, without the host's Python and launch costs. The seeds'
 # loop cannot be captured (it reads routing results on the host).
@@ -121,6 +123,8 @@ def moe_step(shape_name: str, provider: str, mode: str, dtype: str = "float32"):
     graph = provider.endswith("-graph")
     base = provider.removesuffix("-graph")
     backend_name, _, path = base.partition("-")  # cpu-routed / cpu-dense: the forced path
+    blas = path == "blas"                         # cpu-blas: the automatic path on ATen's BLAS gemm
+    path = "" if blas else path
     ours = backend_name in OURS
     route_backend = backend_name if ours else None  # ours route with the same backend; baselines automatically
 
@@ -140,12 +144,16 @@ def moe_step(shape_name: str, provider: str, mode: str, dtype: str = "float32"):
             t.grad = None
         if path:  # read by the cpu kernels in forward and in backward
             os.environ["FSOSR_MOE_MLP_PATH"] = path
+        mkldnn = torch.backends.mkldnn.enabled
+        if blas:
+            torch.backends.mkldnn.enabled = False
         try:
             y = forward(topk_route(logits, s.k, check_finite=False, backend=route_backend))
             if mode == "fwd+bwd":
                 y.sum().backward()
         finally:
             os.environ.pop("FSOSR_MOE_MLP_PATH", None)
+            torch.backends.mkldnn.enabled = mkldnn
         return y
     return cuda_graphed(fn) if graph else fn
 
@@ -206,6 +214,7 @@ DTYPES = ["float32", "bfloat16"] if DEVICE.type == "cuda" else ["float32"]
 # cannot capture: that provider exists in bf16 only.
 ADAPTER_CASES = [(dtype, provider) for dtype in DTYPES
                  for provider in ["loop", "grouped_mm", "dense_masked"] + OURS + GRAPHED
+                 + (["cpu-blas"] if "cpu" in OURS else [])
                  if (dtype, provider) != ("float32", "grouped_mm-graph")]
 
 
