@@ -62,6 +62,9 @@ TORCH_LIBRARY(fsosr, m) {
   m.def(
       "merge_experts(Tensor w_own, Tensor owner, Tensor? w_rest, Tensor coefficients, int num_experts) -> "
       "Tensor");
+  // Internal: the cpu backend's GEMM engine (csrc/cpu/gemm.h) on its own, for its tests and benchmark.
+  // Returns (c if given else 0) + a @ b; a [M, K], b [K, N], c [M, N], all fp32 or all fp64, CPU only.
+  m.def("_cpu_gemm(Tensor a, Tensor b, Tensor? c) -> Tensor");
 }
 
 #ifdef WITH_CUDA

@@ -3,6 +3,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
 
 #include <algorithm>
 
@@ -10,9 +11,10 @@ namespace fsosr {
 namespace cpu_gemm {
 namespace {
 
-// Decomposition of C into blocks, each one brgemm call. B's column panel (K x nb) is kept to about 512 KiB so
-// that it stays in L2 while the row blocks stream past it (the ukernel does not pack B: an unsplit
-// [768, 1536] B ran at half speed); rows go in blocks of 128 where M is large, so both threads get work.
+// Decomposition of C into blocks. B's column panel (K x nb) is kept to about 512 KiB so that it stays in L2
+// while the row blocks stream past it (the ukernel does not pack B: an unsplit [768, 1536] B ran at half speed),
+// but at least 64 columns wide (16-column panels of a deep K ran at 256 instead of 355 GFLOP/s); rows go in
+// blocks of 128 where M is large, so both threads get work.
 // The decomposition depends on the shape only: the same blocks run whatever the thread count.
 constexpr int64_t kPanelFloats = int64_t(128) * 1024;
 constexpr int64_t kRowBlock = 128;
@@ -24,7 +26,7 @@ struct Blocks {
 
 [[maybe_unused]] Blocks blocks_of(int64_t M, int64_t N, int64_t K) {
   int64_t nb = N;
-  if (K * N > kPanelFloats) nb = std::min(N, std::max<int64_t>(16, kPanelFloats / std::max<int64_t>(K, 1) / 16 * 16));
+  if (K * N > kPanelFloats) nb = std::min(N, std::max<int64_t>(64, kPanelFloats / std::max<int64_t>(K, 1) / 16 * 16));
   const int64_t mb = M > 2 * kRowBlock ? kRowBlock : M;
   return {mb, nb, (M + mb - 1) / mb, (N + nb - 1) / nb};
 }
@@ -152,6 +154,35 @@ void transpose(int64_t rows, int64_t cols, const T* src, int64_t ld_src, T* dst,
     }
   });
 }
+
+namespace {
+
+// fsosr::_cpu_gemm: the engine on its own (tests/ops/test_cpu_gemm.py, benchmarks/test_cpu_gemm.py).
+at::Tensor cpu_gemm_op(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& c) {
+  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
+                    "_cpu_gemm: expects a [M, K] and b [K, N], got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type() &&
+                        (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble),
+                    "_cpu_gemm: a and b must both be float32 or both float64, got ", a.scalar_type(), " and ",
+                    b.scalar_type());
+  at::Tensor out;
+  if (c.has_value()) {
+    TORCH_CHECK_VALUE(c->dim() == 2 && c->size(0) == a.size(0) && c->size(1) == b.size(1) &&
+                          c->scalar_type() == a.scalar_type(),
+                      "_cpu_gemm: c must be [", a.size(0), ", ", b.size(1), "] of a's dtype, got ", c->sizes(), " ",
+                      c->scalar_type());
+    out = c->clone(at::MemoryFormat::Contiguous);
+  } else {
+    out = at::empty({a.size(0), b.size(1)}, a.options());
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  matmul_into(out, a, b, /*accumulate=*/c.has_value());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsosr, CPU, m) { m.impl("_cpu_gemm", &cpu_gemm_op); }
 
 template void transpose<float>(int64_t, int64_t, const float*, int64_t, float*, int64_t);
 template void transpose<double>(int64_t, int64_t, const double*, int64_t, double*, int64_t);

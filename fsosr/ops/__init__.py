@@ -1,5 +1,5 @@
 """Fused, autograd-aware ops with ``reference`` / ``cpu`` / ``cuda`` / ``triton`` backends (see fsosr.backends)."""
-from fsosr.ops import reference
+from fsosr.ops import _cpu_gemm, reference  # noqa: F401 - _cpu_gemm registers its fake implementation
 from fsosr.ops._rng import normal_from_seed
 from fsosr.ops.balance import cv_squared, load_balancing_loss
 from fsosr.ops.topk_route import Routing, topk_route
