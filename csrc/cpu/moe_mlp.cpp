@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <initializer_list>
 #include <vector>
 
 namespace fsosr {
@@ -143,6 +144,20 @@ void forward_by_expert(const Problem& p, const at::Tensor& x, const at::Tensor& 
   });
   const at::Tensor weights = (gates * p.scale).view({p.units, p.k, 1, 1});
   y.copy_((slot_out.view({p.units, p.k, p.group, p.d_out}) * weights).sum(1).view(y.sizes()));
+}
+
+// Zero the weight gradients of experts no unit picked (the others are written whole by their task), with plain
+// fills: zero-filling all of them first was a full extra pass over FSMoE's 87 MB of gradients, and each ATen zero_
+// would be a parallel region of its own, which costs a scheduler time slice when the other core is busy.
+template <typename acc_t>
+void zero_empty_experts(const Problem& p, const int64_t* off, std::initializer_list<at::Tensor*> grads) {
+  for (int64_t e = 0; e < p.experts; ++e) {
+    if (off[e] != off[e + 1]) continue;
+    for (at::Tensor* t : grads) {
+      acc_t* begin = t->data_ptr<acc_t>() + e * t->stride(0);
+      std::fill(begin, begin + t->stride(0), acc_t(0));
+    }
+  }
 }
 
 // All gradients for small G, by expert: one block of the expert's rows, four GEMMs, per-slot grad_x rows.
@@ -345,16 +360,7 @@ void backward_weights(const Problem& p, const at::Tensor& x, const at::Tensor& g
                       const int64_t* ord, const int64_t* off, const at::Tensor& grad_pre,
                       const at::Tensor& hidden_scaled, const at::Tensor& dy_sums, const at::Tensor& dpre_sums,
                       at::Tensor& grad_w1, at::Tensor& grad_b1, at::Tensor& grad_w2, at::Tensor& grad_b2) {
-  // Empty experts (cost 0) are not queued: zero their gradients here, with plain fills (each ATen zero_ would be
-  // a parallel region of its own, which costs a scheduler time slice when the other core is busy).
-  auto zero_rows = [](at::Tensor& t, int64_t e) {
-    acc_t* begin = t.data_ptr<acc_t>() + e * t.stride(0);
-    std::fill(begin, begin + t.stride(0), acc_t(0));
-  };
-  for (int64_t e = 0; e < p.experts; ++e) {
-    if (off[e] != off[e + 1]) continue;
-    zero_rows(grad_w1, e), zero_rows(grad_b1, e), zero_rows(grad_w2, e), zero_rows(grad_b2, e);
-  }
+  zero_empty_experts<acc_t>(p, off, {&grad_w1, &grad_b1, &grad_w2, &grad_b2});  // empty experts are not queued
   struct Scratch {
     at::Tensor block_t, dw1_t, x;
   };
@@ -433,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const at::Tensor w1t = copy ? w1.transpose(1, 2).contiguous() : w1.transpose(1, 2);
       const at::Tensor w2t = copy ? w2.transpose(1, 2).contiguous() : w2.transpose(1, 2);
       if (!unit_path) {
-        grad_w1.zero_(), grad_b1.zero_(), grad_w2.zero_(), grad_b2.zero_();  // empty experts keep zeros
+        zero_empty_experts<acc_t>(p, off, {&grad_w1, &grad_b1, &grad_w2, &grad_b2});
         backward_by_expert<acc_t>(p, x, grad_y, gate, ord, off, w1t, w2t, b2, hidden_pre, grad_x, grad_gate,
                                   grad_w1, grad_b1, grad_w2, grad_b2);
         return;

@@ -346,6 +346,28 @@ def test_cpu_gemm_layouts_match_fp64_reference(monkeypatch, e, k, g, n, per_expe
 
 
 @pytest.mark.skipif("cpu" not in NATIVE, reason="cpu backend not built")
+@pytest.mark.parametrize("g,per_expert", [(1, False), (17, False), (1, True)], ids=["by_expert", "by_unit", "fsmoe"])
+def test_cpu_weight_gradients_of_unpicked_experts_are_zero(monkeypatch, g, per_expert):
+    # Only the picked experts' gradients are computed; the others are zero-filled explicitly (the outputs are not
+    # zero-initialised). Dirty the allocator first so that fresh outputs would show garbage.
+    monkeypatch.setenv("FSOSR_MOE_MLP_PATH", "routed")
+    for _ in range(3):
+        torch.full((8 * 97 * 47,), float("nan"))
+    fn = native_fn(g, "relu", 0.0, per_expert)
+    fn.k = 1
+    x, logits, *weights = native_inputs(8, 97, 47, g, 3, torch.float32, per_expert=per_expert, seed=11)
+    routing = topk_route(logits.detach(), 1, backend="reference")
+    picked = set(routing.indices.flatten().tolist())
+    assert len(picked) <= 3 < 8
+    y = fn(x, logits.detach(), *weights, backend="cpu")[0]
+    grads = torch.autograd.grad(y.square().sum(), weights)
+    for grad in grads:
+        for e in set(range(8)) - picked:
+            assert torch.equal(grad[e], torch.zeros_like(grad[e]))
+        assert all(grad[e].abs().sum() > 0 for e in picked)
+
+
+@pytest.mark.skipif("cpu" not in NATIVE, reason="cpu backend not built")
 def test_cpu_unit_path_is_bitwise_equal_at_one_and_two_threads():
     # Each unit, and each expert's weight gradient, is computed by one thread on a block decomposition that
     # depends on the shape only: the thread count must not change a bit.
