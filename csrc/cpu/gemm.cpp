@@ -35,14 +35,18 @@ at::Tensor view_of(const void* data, int64_t rows, int64_t cols, int64_t ld, at:
   return at::from_blob(const_cast<void*>(data), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(dtype));
 }
 
-// C (+)= A @ B through at::mm on views of the blocks (BLAS: fp64, and fp32 where brgemm is missing).
+// out (+)= a @ b through ATen's matmul (BLAS): fp64, strided operands, and fp32 where brgemm is missing.
+void aten_matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  accumulate ? (void)out.addmm_(a, b) : (void)at::mm_out(out, a, b);
+}
+
+// The same on raw row-major blocks, viewed as tensors.
 template <typename T>
 void aten_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
                bool accumulate) {
   const auto dtype = c10::CppTypeToScalarType<T>::value;
-  at::Tensor c = view_of(C, M, N, ldc, dtype);
-  const at::Tensor a = view_of(A, M, K, lda, dtype), b = view_of(B, K, N, ldb, dtype);
-  accumulate ? (void)c.addmm_(a, b) : (void)at::mm_out(c, a, b);
+  aten_matmul_into(view_of(C, M, N, ldc, dtype), view_of(A, M, K, lda, dtype), view_of(B, K, N, ldb, dtype),
+                   accumulate);
 }
 
 // Leading dimension of a row-major 2-D tensor, or -1 where it is not one (transposed or strided columns).
@@ -109,14 +113,12 @@ void matmul_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
          out.data_ptr<float>(), ldc, accumulate);
     return;
   }
-  at::Tensor o = out;
-  accumulate ? (void)o.addmm_(a, b) : (void)at::mm_out(o, a, b);
+  aten_matmul_into(out, a, b, accumulate);
 }
 
 void matmul_tn_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (out.scalar_type() != at::kFloat) {
-    at::Tensor o = out;
-    at::mm_out(o, a.t(), b);
+    aten_matmul_into(out, a.t(), b, /*accumulate=*/false);
     return;
   }
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
@@ -139,20 +141,15 @@ void addmm_into(const at::Tensor& out, const at::Tensor& bias, const at::Tensor&
 template <typename T>
 void transpose(int64_t rows, int64_t cols, const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
   constexpr int64_t kTile = 32;
-  const int64_t row_tiles = (rows + kTile - 1) / kTile;
-  // Parallel over row tiles at the top level (weights once per call); serial inside a worker's task.
-  at::parallel_for(0, row_tiles, std::max<int64_t>(1, 16384 / (kTile * std::max<int64_t>(cols, 1))),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t rt = begin; rt < end; ++rt) {
-      const int64_t r0 = rt * kTile, r1 = std::min(rows, r0 + kTile);
-      for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-        const int64_t c1 = std::min(cols, c0 + kTile);
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t c = c0; c < c1; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
-        }
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    const int64_t r1 = std::min(rows, r0 + kTile);
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t c1 = std::min(cols, c0 + kTile);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = c0; c < c1; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
       }
     }
-  });
+  }
 }
 
 namespace {

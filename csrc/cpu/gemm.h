@@ -8,8 +8,8 @@
 // (torch.backends.mkldnn.enabled = False), so results are the same GEMM either way.
 //
 // brgemm takes row-major operands only: callers lay out transposed operands themselves (a transposed copy of
-// the weights once per call, a transposed per-thread copy of a small block), which costs far less than the
-// GEMM time it saves. Anything else (fp64, strided operands) goes through at::mm.
+// the weights once per call where it pays, a transposed per-thread copy of a small block), which costs far less
+// than the GEMM time it saves. Anything else (fp64, strided operands) goes through at::mm.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,8 +20,9 @@ namespace fsosr {
 namespace cpu_gemm {
 
 // C = (accumulate ? C : 0) + A @ B. Each block of C is computed by one thread, in brgemm calls over K chunks of
-// 256, on a decomposition that depends only on (M, N, K), so results do not depend on the thread count. Outside a parallel region the
-// blocks are spread over ATen's threads; inside one (a worker's task) they run on the calling thread.
+// 256, on a decomposition that depends only on (M, N, K), so results do not depend on the thread count. Outside
+// a parallel region the blocks are spread over ATen's threads; inside one (a worker's task) they run on the
+// calling thread.
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
           int64_t ldc, bool accumulate);
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
@@ -39,7 +40,8 @@ void matmul_tn_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor
 // out = bias (one row, broadcast) + a @ b.
 void addmm_into(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b);
 
-// dst[c, r] = src[r, c] for a rows x cols block (leading dimensions ld_src, ld_dst), in cache-sized tiles.
+// dst[c, r] = src[r, c] for a rows x cols block (leading dimensions ld_src, ld_dst), in cache-sized tiles, on
+// the calling thread (it transposes small per-task blocks inside a worker's task).
 template <typename T>
 void transpose(int64_t rows, int64_t cols, const T* src, int64_t ld_src, T* dst, int64_t ld_dst);
 

@@ -34,7 +34,7 @@ def moe_mlp_per_expert_input_dense(x: torch.Tensor, indices: torch.Tensor, gates
     GEMMs are small at this form's shapes; the routed kernels, too, keep the pre-activations in fp32, and a bf16
     pre-activation measurably worsened the gradients)."""
     out_dtype = x.dtype
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = reference.accumulation_dtype(x.dtype)
     x, w1, b1, w2, b2 = (t.to(acc) for t in (x, w1, b1, w2, b2))
     num_experts, num_units, _ = x.shape
     k, hidden_width = indices.shape[1], w1.shape[2]
