@@ -40,7 +40,7 @@ def table(fn, rows=14):
 
 def profile_moe_mlp() -> None:
     for dtype in ["float32", "bfloat16"]:
-        for backend in ["cuda", "triton", "grouped_mm"]:
+        for backend in ["cuda", "triton", "triton-units", "grouped_mm"]:
             try:
                 fn = tm.moe_step("adapter", backend, "fwd+bwd", dtype)
                 print(f"### moe_mlp adapter fwd+bwd {dtype} {backend}: {timed(fn):.3f} ms per step (CUDA events)")

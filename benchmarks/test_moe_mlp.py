@@ -17,7 +17,9 @@ Providers:
   show the shape rule's choice; `cpu-blas`: the automatic path with oneDNN switched off
   (`torch.backends.mkldnn.enabled = False`), so that ATen's brgemm falls back to its BLAS gemm: what the cpu
   backend's GEMM engine (csrc/cpu/gemm.h) is worth; `triton` and `cuda` on a GPU
-  (each listed only where `backends.why_unavailable` allows it);
+  (each listed only where `backends.why_unavailable` allows it); at the adapter shape `triton-units`: the triton
+  backend with its forward and rows pass tiled by unit (FSOSR_MOE_MLP_TRITON_TILES=units, kernels/moe_mlp_units.py),
+  against `triton`'s default expert tiles;
 - on CUDA, at the adapter shape, `<provider>-graph` for ours, grouped_mm and dense_masked: the step captured in a
   CUDA graph and replayed, i.e. its device time without host overhead (the loop cannot be captured).
 Every fwd+bwd step starts with the gradients set to None, as a training step after zero_grad(set_to_none=True).
@@ -40,10 +42,14 @@ from fsosr.ops.moe_mlp import IMPLEMENTED
 
 OURS = [b for b in IMPLEMENTED if b != "reference" and backends.why_unavailable(b, DEVICE) is None]
 CPU_PATHS = ["cpu-routed", "cpu-dense", "cpu-blas"] if "cpu" in OURS else []
+TRITON_TILES = ["triton-units"] if "triton" in OURS else []
+# What a forced path is set through, per backend.
+PATH_VARIABLES = {"cpu": "FSOSR_MOE_MLP_PATH", "triton": "FSOSR_MOE_MLP_TRITON_TILES"}
 # On a GPU, the fused providers and the stock-PyTorch ones that never sync with the host also run captured in a
 # CUDA graph ("-graph"): the device time of the step, without the host's Python and launch costs. The seeds'
 # loop cannot be captured (it reads routing results on the host).
-GRAPHED = ([f"{p}-graph" for p in ["grouped_mm", "dense_masked"] + OURS] if DEVICE.type == "cuda" else [])
+GRAPHED = ([f"{p}-graph" for p in ["grouped_mm", "dense_masked"] + OURS + TRITON_TILES]
+           if DEVICE.type == "cuda" else [])
 DROPOUT, SCALE = 0.1, 0.1
 
 
@@ -122,7 +128,7 @@ def moe_step(shape_name: str, provider: str, mode: str, dtype: str = "float32"):
     leaves = [x, logits, *weights]
     graph = provider.endswith("-graph")
     base = provider.removesuffix("-graph")
-    backend_name, _, path = base.partition("-")  # cpu-routed / cpu-dense: the forced path
+    backend_name, _, path = base.partition("-")  # cpu-routed / cpu-dense / triton-units: the forced path
     blas = path == "blas"                         # cpu-blas: the automatic path on ATen's BLAS gemm
     path = "" if blas else path
     ours = backend_name in OURS
@@ -142,8 +148,10 @@ def moe_step(shape_name: str, provider: str, mode: str, dtype: str = "float32"):
     def fn():
         for t in leaves:
             t.grad = None
-        if path:  # read by the cpu kernels in forward and in backward
-            os.environ["FSOSR_MOE_MLP_PATH"] = path
+        variable = PATH_VARIABLES.get(backend_name)
+        before = os.environ.get(variable) if variable else None
+        if path:  # read by the kernels' launchers in forward and in backward
+            os.environ[variable] = path
         mkldnn = torch.backends.mkldnn.enabled
         if blas:
             torch.backends.mkldnn.enabled = False
@@ -152,7 +160,10 @@ def moe_step(shape_name: str, provider: str, mode: str, dtype: str = "float32"):
             if mode == "fwd+bwd":
                 y.sum().backward()
         finally:
-            os.environ.pop("FSOSR_MOE_MLP_PATH", None)
+            if path and before is None:
+                os.environ.pop(variable, None)
+            elif path:
+                os.environ[variable] = before
             torch.backends.mkldnn.enabled = mkldnn
         return y
     return cuda_graphed(fn) if graph else fn
@@ -213,7 +224,7 @@ DTYPES = ["float32", "bfloat16"] if DEVICE.type == "cuda" else ["float32"]
 # torch's fp32 grouped_mm (no CUTLASS kernel; bf16 has one) copies its offsets to the host, which a CUDA graph
 # cannot capture: that provider exists in bf16 only.
 ADAPTER_CASES = [(dtype, provider) for dtype in DTYPES
-                 for provider in ["loop", "grouped_mm", "dense_masked"] + OURS + GRAPHED
+                 for provider in ["loop", "grouped_mm", "dense_masked"] + OURS + TRITON_TILES + GRAPHED
                  + (["cpu-blas"] if "cpu" in OURS else [])
                  if (dtype, provider) != ("float32", "grouped_mm-graph")]
 

@@ -8,6 +8,10 @@ input) or x[e, n] (per-expert input). Rows are gathered on load: no permuted cop
 numberings appear: the slot row q = (n*k + j)*G + t (hidden_pre [N, k, G, h], per-slot buffers, dropout counter
 q*h + c) and the output row n*G + t.
 
+Two tilings of the forward and the rows pass (``unit_tiles`` picks; FSOSR_MOE_MLP_TRITON_TILES): by expert, the
+kernels below, and by unit (kernels/moe_mlp_units.py: for a shared input with k*h <= 128, a unit's k experts as one
+MLP of hidden width k*h, so y and grad_x are written once with no per-slot buffer). The weight pass is shared.
+
 Kernels (all launch grids come from shapes alone: no host synchronisation, CUDA-graph safe):
 1. ``_forward_kernel``: one program per BLOCK_M routed rows. For each expert present in the block (almost always
    one; a block straddling a segment boundary makes one masked pass per expert, at most E extra passes in all):
@@ -21,7 +25,8 @@ Kernels (all launch grids come from shapes alone: no host synchronisation, CUDA-
 3. ``_backward_rows_kernel``: the forward's blocks again. Recomputes act and mask from hidden_pre, dyW = dy @
    w2[e]^T, grad_gates per routed row (summed over tokens afterwards by a fixed-shape torch reduction: no atomics),
    dpre, grad_x = dpre @ w1[e]^T with the forward's combine rule (per-expert input: a direct store, since a unit
-   picks an expert at most once). Saves dpre (fp32) and gate*scale*hid (input dtype) in routed-row order.
+   picks an expert at most once). Saves dpre (fp32) and gate*scale*hid (input dtype) in routed-row order (the
+   unit-tiled rows pass saves them by slot row; the weight pass reads either, BY_SLOT).
 4. ``_backward_weights_kernel``: grid (E, S, d blocks + d_out blocks). Split s of expert e reduces a fixed chunk
    of the expert's routed rows into an fp32 workspace [S, E, ...]; ``_reduce_splits_kernel`` then sums the S
    partials in order (one launch for the four gradients). Chunk bounds depend on offsets and shapes only, so
@@ -39,7 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import moe_mlp_units
+from .moe_mlp_device import _activation, _activation_grad, _dropout_multiplier, _hidden, _mma, _num_warps, \
+    _pow2_at_least_16, _upcast
 
 # Fixed configs (multi-config autotune does not run in the interpreter). tl.dot needs every dim >= 16 compiled,
 # so the hidden width and the chunk widths are padded up to at least 16.
@@ -50,85 +57,20 @@ BLOCK_D = 64            # output block (rows of dw1 / columns of dw2) of a weigh
 WEIGHT_ROWS = 128       # rows per step (the GEMM's K) of a weight-gradient program. Whole backward on an H100,
                         # bf16, T = 50k, d = 768, h = 64, by (WEIGHT_ROWS, BLOCK_D): (128, 64) 835 us,
                         # (64, 64) 928 us, (64, 128) 982 us
-
-# fp32 dots: 3xTF32 on the GPU (fp32-level error, 5e-7 relative measured on an H100, and 1.3-8x faster than
-# "ieee", which Triton runs on FMA units). The interpreter multiplies in fp32 whatever it is told.
-FP32_PRECISION = tl.constexpr("ieee" if _INTERPRET else "tf32x3")
 SUM_BLOCK = 1024        # elements per program of the slot combine
 MAX_SPLITS = 16         # row chunks per expert for the weight gradients
 WORKSPACE_ELEMENTS = 1 << 24   # cap on the fp32 weight-gradient workspace (64 MiB)
-
-
-def _pow2_at_least_16(n: int, cap: int | None = None) -> int:
-    p = max(16, triton.next_power_of_2(max(n, 1)))
-    return p if cap is None else min(p, cap)
-
-
-def _num_warps(h_pad: int) -> int:
-    # The [64, H_PAD] fp32 accumulators (two or three live at once) must stay in registers.
-    return 4 if h_pad <= 64 else 8
+# Tiling of the forward and the rows pass (unit_tiles). Unit tiles (kernels/moe_mlp_units.py) drop the per-slot
+# buffer and its combine pass; they are checked against the reference under the interpreter and compiled for sm_90,
+# but have not run on a GPU yet, so the default stays on the expert tiles that have, until a GPU run measures both
+# (benchmark provider triton-units) and the GPU tests pass with FSOSR_MOE_MLP_TRITON_TILES=units.
+DEFAULT_TILING = "experts"
+UNIT_MIN_GROUP = 32     # auto: shorter units leave most of a 16..64-row tile empty
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Device helpers
 # ---------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr):
-    if UPCAST:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=FP32_PRECISION)
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
-@triton.jit
-def _activation(pre, ACT: tl.constexpr):
-    if ACT == 0:
-        out = tl.maximum(pre, 0.0)
-    elif ACT == 1:
-        out = 0.5 * pre * (1.0 + tl.erf(pre * 0.7071067811865476))
-    elif ACT == 2:
-        out = pre * tl.sigmoid(1.702 * pre)
-    else:
-        out = pre
-    return out
-
-
-@triton.jit
-def _activation_grad(pre, ACT: tl.constexpr):
-    if ACT == 0:
-        grad = tl.where(pre > 0.0, 1.0, 0.0)          # torch's relu backward: 0 at 0
-    elif ACT == 1:
-        grad = 0.5 * (1.0 + tl.erf(pre * 0.7071067811865476)) + pre * 0.3989422804014327 * tl.exp(-0.5 * pre * pre)
-    elif ACT == 2:
-        s = tl.sigmoid(1.702 * pre)
-        grad = s + 1.702 * pre * s * (1.0 - s)
-    else:
-        grad = tl.full(pre.shape, 1.0, tl.float32)
-    return grad
-
-
-@triton.jit
-def _dropout_multiplier(counter, seed_key, dropout):
-    """1/(1-p) where element `counter` is kept, else 0: SplitMix64(counter ^ seed_key) as in fsosr/ops/_rng.py,
-    in uint64 so that products wrap modulo 2^64 and right shifts are logical."""
-    z = (counter.to(tl.int64) ^ seed_key).to(tl.uint64, bitcast=True)
-    z = z * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
-    z = z ^ (z >> 31)
-    uniform = (z >> 40).to(tl.float32) * (1.0 / 16777216.0)   # exact: 24 bits
-    return tl.where(uniform >= dropout, 1.0 / (1.0 - dropout), 0.0)
-
-
-@triton.jit
-def _hidden(pre, counter, seed_key, dropout, ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    hid = _activation(pre, ACT)
-    if HAS_DROPOUT:
-        hid = hid * _dropout_multiplier(counter, seed_key, dropout)
-    return hid
-
-
 @triton.jit
 def _routed_rows(start, limit, order_ptr, indices_ptr, gates_ptr, num_units, k, G, num_experts,
                  PER_EXPERT: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -286,8 +228,8 @@ def _backward_rows_kernel(dy_ptr, indices_ptr, gates_ptr, order_ptr, w1_ptr, w2_
 def _backward_weights_kernel(x_ptr, dy_ptr, dpre_ptr, hid_ptr, indices_ptr, gates_ptr, order_ptr, offsets_ptr,
                              dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
                              num_units, k, G, d, h, d_out, num_experts, num_splits, scale,
-                             PER_EXPERT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_D: tl.constexpr, H_PAD: tl.constexpr):
+                             PER_EXPERT: tl.constexpr, BY_SLOT: tl.constexpr, UPCAST: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, H_PAD: tl.constexpr):
     e = tl.program_id(0)
     split = tl.program_id(1)
     block = tl.program_id(2)
@@ -312,7 +254,8 @@ def _backward_weights_kernel(x_ptr, dy_ptr, dpre_ptr, hid_ptr, indices_ptr, gate
                 r0, hi, order_ptr, indices_ptr, gates_ptr, num_units, k, G, num_experts, PER_EXPERT, BLOCK_M)
             x_t = tl.load(x_ptr + in_row[None, :] * d + dcol[:, None],
                           mask=d_ok[:, None] & valid[None, :], other=0.0)               # [BLOCK_D, BLOCK_M]
-            dpre = tl.load(dpre_ptr + r[:, None] * h + hcol[None, :],
+            saved = slot_row if BY_SLOT else r            # where the rows pass stored dpre and the scaled hidden
+            dpre = tl.load(dpre_ptr + saved[:, None] * h + hcol[None, :],
                            mask=valid[:, None] & h_ok[None, :], other=0.0)
             dw1_acc = _mma(x_t, dpre.to(x_ptr.dtype.element_ty), dw1_acc, UPCAST)
             db1_acc += tl.sum(dpre, axis=0)
@@ -329,7 +272,8 @@ def _backward_weights_kernel(x_ptr, dy_ptr, dpre_ptr, hid_ptr, indices_ptr, gate
         for r0 in range(lo, hi, BLOCK_M):
             r, valid, expert, gate, slot_row, out_row, in_row = _routed_rows(
                 r0, hi, order_ptr, indices_ptr, gates_ptr, num_units, k, G, num_experts, PER_EXPERT, BLOCK_M)
-            hid_t = tl.load(hid_ptr + r[None, :] * h + hcol[:, None],
+            saved = slot_row if BY_SLOT else r
+            hid_t = tl.load(hid_ptr + saved[None, :] * h + hcol[:, None],
                             mask=h_ok[:, None] & valid[None, :], other=0.0)                   # [H_PAD, BLOCK_M]
             dy = tl.load(dy_ptr + out_row[:, None] * d_out + ncol[None, :],
                          mask=valid[:, None] & n_ok[None, :], other=0.0)
@@ -376,10 +320,6 @@ def _shapes(x, indices, w1, w2, group_size, per_expert_input):
     return num_units, k, num_experts, d, h, w2.shape[2], G
 
 
-def _upcast(dtype) -> bool:
-    return _INTERPRET or dtype == torch.float32
-
-
 def _weight_block(dtype, h_pad: int) -> int:
     # Shared memory of the weight-gradient program compiled for sm_90 by Triton 3.8 (its pipelined [BLOCK_M, .]
     # operand tiles): fp32 data at H_PAD 128 needs 257 KiB with BLOCK_D 64, more than an H100's 227 KiB, and
@@ -394,6 +334,20 @@ def _sum_slots(slots, out, k, G, width):
                                                                    BLOCK=SUM_BLOCK, num_warps=4)
 
 
+def unit_tiles(k: int, G: int, h: int, per_expert_input: bool) -> bool:
+    """Whether the forward and the backward's rows pass run tiled by unit (kernels/moe_mlp_units.py) rather than
+    by expert. ``FSOSR_MOE_MLP_TRITON_TILES`` = ``experts`` | ``units`` (wherever they apply: a shared input and
+    k*h within their on-chip width) | ``auto`` (units where they save the per-slot buffer: k >= 2, G >= 32);
+    unset: DEFAULT_TILING."""
+    tiling = os.environ.get("FSOSR_MOE_MLP_TRITON_TILES", DEFAULT_TILING)
+    if tiling not in ("experts", "units", "auto"):
+        raise ValueError(f"FSOSR_MOE_MLP_TRITON_TILES must be experts, units or auto, got {tiling!r}")
+    applies = not per_expert_input and moe_mlp_units.fits(k, h)
+    if tiling == "units":
+        return applies
+    return tiling == "auto" and applies and k >= 2 and G >= UNIT_MIN_GROUP
+
+
 def moe_mlp_forward(x, indices, gates, order, offsets, w1, b1, w2, b2, group_size: int, activation: int,
                     scale: float, dropout: float, seed_key: int, per_expert_input: bool):
     """Returns (y [N*G, d_out] (or [N, d_out]) in x's dtype, hidden_pre [N, k, G, h] fp32)."""
@@ -402,6 +356,10 @@ def moe_mlp_forward(x, indices, gates, order, offsets, w1, b1, w2, b2, group_siz
     hidden_pre = torch.empty((num_units, k, G, h), dtype=torch.float32, device=x.device)
     y = torch.empty((num_units * G, d_out), dtype=x.dtype, device=x.device)
     if num_rows == 0:
+        return y, hidden_pre
+    if unit_tiles(k, G, h, per_expert_input):
+        moe_mlp_units.forward(x, indices, gates, w1, b1, w2, b2, y, hidden_pre, G, activation, scale, dropout,
+                              seed_key)
         return y, hidden_pre
     per_slot = k > 1
     out = torch.empty((num_rows, d_out), dtype=torch.float32, device=x.device) if per_slot else y
@@ -416,6 +374,31 @@ def moe_mlp_forward(x, indices, gates, order, offsets, w1, b1, w2, b2, group_siz
     if per_slot:
         _sum_slots(out, y, k, G, d_out)
     return y, hidden_pre
+
+
+def _backward_rows_by_expert(grad_y, x, indices, gates, order, w1, w2, b2, hidden_pre, dpre, scaled_hidden,
+                             gate_part, G, activation, scale, dropout, seed_key, per_expert_input):
+    """The expert-sorted rows pass; returns grad_x."""
+    num_units, k, num_experts, d, h, d_out, G = _shapes(x, indices, w1, w2, G, per_expert_input)
+    num_rows = num_units * k * G
+    per_slot = k > 1 and not per_expert_input
+    if per_expert_input:
+        grad_x = torch.zeros_like(x)        # rows (e, n) that unit n did not route to e get no gradient
+        dx_out = grad_x
+    else:
+        grad_x = torch.empty_like(x)
+        dx_out = torch.empty((num_rows, d), dtype=torch.float32, device=x.device) if per_slot else grad_x
+    h_pad = _pow2_at_least_16(h)
+    _backward_rows_kernel[(triton.cdiv(num_rows, BLOCK_M),)](
+        grad_y, indices, gates, order, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part, dx_out,
+        num_rows, num_units, k, G, d, h, d_out, num_experts, float(scale), float(dropout),
+        int(seed_key) if dropout > 0 else 0,
+        ACT=int(activation), HAS_DROPOUT=dropout > 0, PER_EXPERT=bool(per_expert_input), PER_SLOT_OUT=per_slot,
+        UPCAST=_upcast(x.dtype), BLOCK_M=BLOCK_M, BLOCK_K=_pow2_at_least_16(d, BLOCK_K),
+        BLOCK_N=_pow2_at_least_16(d_out, BLOCK_N), H_PAD=h_pad, num_warps=_num_warps(h_pad))
+    if per_slot:
+        _sum_slots(dx_out, grad_x, k, G, d)
+    return grad_x
 
 
 def _num_splits(num_rows, num_experts, d, h, d_out) -> int:
@@ -439,26 +422,20 @@ def moe_mlp_backward(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, 
     h_pad = _pow2_at_least_16(h)
     upcast = _upcast(x.dtype)
 
-    # Rows pass: per-row grad_gates partials, grad_x, and for the weight pass dpre and the scaled hidden.
-    per_slot = k > 1 and not per_expert_input
-    if per_expert_input:
-        grad_x = torch.zeros_like(x)        # rows (e, n) that unit n did not route to e get no gradient
-        dx_out = grad_x
-    else:
-        grad_x = torch.empty_like(x)
-        dx_out = torch.empty((num_rows, d), dtype=f32, device=device) if per_slot else grad_x
+    # Rows pass: per-row grad_gates partials, grad_x, and for the weight pass dpre and the scaled hidden (in
+    # routed-row order, or by slot row when tiled by unit).
+    by_unit = unit_tiles(k, G, h, per_expert_input)
     dpre = torch.empty((num_rows, h), dtype=f32, device=device)
     scaled_hidden = torch.empty((num_rows, h), dtype=x.dtype, device=device)
     gate_part = torch.empty((num_units, k, G), dtype=f32, device=device)
-    _backward_rows_kernel[(triton.cdiv(num_rows, BLOCK_M),)](
-        grad_y, indices, gates, order, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part, dx_out,
-        num_rows, num_units, k, G, d, h, d_out, num_experts, float(scale), float(dropout),
-        int(seed_key) if dropout > 0 else 0,
-        ACT=int(activation), HAS_DROPOUT=dropout > 0, PER_EXPERT=bool(per_expert_input), PER_SLOT_OUT=per_slot,
-        UPCAST=upcast, BLOCK_M=BLOCK_M, BLOCK_K=_pow2_at_least_16(d, BLOCK_K),
-        BLOCK_N=_pow2_at_least_16(d_out, BLOCK_N), H_PAD=h_pad, num_warps=_num_warps(h_pad))
-    if per_slot:
-        _sum_slots(dx_out, grad_x, k, G, d)
+    if by_unit:
+        grad_x = torch.empty_like(x)
+        moe_mlp_units.backward_rows(grad_y, indices, gates, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part,
+                                    grad_x, G, activation, scale, dropout, seed_key)
+    else:
+        grad_x = _backward_rows_by_expert(grad_y, x, indices, gates, order, w1, w2, b2, hidden_pre, dpre,
+                                          scaled_hidden, gate_part, G, activation, scale, dropout, seed_key,
+                                          per_expert_input)
     grad_gates = gate_part.sum(dim=2).to(gates.dtype)       # fixed-shape reduction over tokens: deterministic
 
     # Weight pass: S fixed row chunks per expert into an fp32 workspace, then a fixed-order sum over S.
@@ -473,7 +450,7 @@ def moe_mlp_backward(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, 
     _backward_weights_kernel[(num_experts, splits, max(1, num_blocks))](
         x, grad_y, dpre, scaled_hidden, indices, gates, order, offsets, dw1, db1, dw2, db2,
         num_units, k, G, d, h, d_out, num_experts, splits, float(scale),
-        PER_EXPERT=bool(per_expert_input), UPCAST=upcast, BLOCK_M=WEIGHT_ROWS, BLOCK_D=block_d, H_PAD=h_pad,
+        PER_EXPERT=bool(per_expert_input), BY_SLOT=by_unit, UPCAST=upcast, BLOCK_M=WEIGHT_ROWS, BLOCK_D=block_d, H_PAD=h_pad,
         num_warps=_num_warps(h_pad * block_d // 64))       # its accumulator is [BLOCK_D, H_PAD]
 
     grads = [torch.empty_like(w) for w in (w1, b1, w2, b2)]

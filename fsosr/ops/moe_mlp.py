@@ -5,7 +5,8 @@ sample; per-token MoE: G = 1), and FSMoE's per-expert inputs (``moe_mlp_per_expe
 
 Backends: ``reference`` (the seeds' per-expert loop), ``cpu`` (C++, ``fsosr::moe_mlp_fwd``/``_bwd``; routed or
 dense-masked by a shape rule, docs/ops/moe_mlp.md; ``FSOSR_MOE_MLP_PATH=routed|dense`` forces one),
-``triton`` (``fsosr::moe_mlp_fwd_triton``/``_bwd_triton``, kernels in ``fsosr._triton.moe_mlp``) and ``cuda``
+``triton`` (``fsosr::moe_mlp_fwd_triton``/``_bwd_triton``, kernels in ``fsosr._triton.moe_mlp`` and
+``moe_mlp_units``: tiled by expert or by unit, ``FSOSR_MOE_MLP_TRITON_TILES``) and ``cuda``
 (``fsosr::moe_mlp_fwd``/``_bwd`` on CUDA tensors, csrc/cuda/moe_mlp_*; SIMT kernels, correct on an H100, slower than ``triton`` there
 on the device, and the automatic choice for experts wider than ``TRITON_MAX_HIDDEN``; for per-expert inputs with
 E <= 4k it runs the dense-masked form on cuBLAS, ``fsosr.ops._moe_dense``).

@@ -20,8 +20,8 @@ from fsosr.ops.moe_mlp import TRITON_MAX_HIDDEN
 
 H100_SHARED_BYTES = 232448   # per block, opt-in maximum (227 KiB)
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-KERNEL_MODULES = ["fsosr._triton.masked_adamw", "fsosr._triton.moe_mlp", "fsosr._triton.sparse_adapter",
-                  "fsosr._triton.topk_route"]
+KERNEL_MODULES = ["fsosr._triton.masked_adamw", "fsosr._triton.moe_mlp", "fsosr._triton.moe_mlp_units",
+                  "fsosr._triton.sparse_adapter", "fsosr._triton.topk_route"]
 
 if os.environ.get("FSOSR_TRITON_LAUNCH_LOG"):
     pytest.skip("the recording run (started by this module) must not start itself", allow_module_level=True)
@@ -66,7 +66,7 @@ def test_every_kernel_is_launched_by_the_tests(compiled):
     from triton.runtime.jit import KernelInterface  # noqa: PLC0415
     kernels = {name for module in KERNEL_MODULES for name, obj in vars(importlib.import_module(module)).items()
                if isinstance(obj, KernelInterface) and name.endswith("_kernel")}
-    assert len(kernels) >= 16, kernels
+    assert len(kernels) >= 18, kernels
     assert kernels <= {x["kernel"] for x in compiled["launches"]}, kernels - {x["kernel"] for x in compiled["launches"]}
 
 

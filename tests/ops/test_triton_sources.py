@@ -14,7 +14,7 @@ import pytest
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-KERNEL_MODULES = ["masked_adamw", "moe_mlp", "sparse_adapter", "topk_route"]
+KERNEL_MODULES = ["masked_adamw", "moe_mlp", "moe_mlp_device", "moe_mlp_units", "sparse_adapter", "topk_route"]
 JIT_TYPES = ("JITFunction", "InterpretedFunction")
 
 

@@ -18,17 +18,20 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "kernels"))
-import moe_mlp as km  # noqa: E402
+import fsosr._triton.moe_mlp as km
 
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def shared_bytes(fn, signature: dict, constexprs: dict) -> int:
+def shared_bytes(fn, signature: dict, constexprs: dict, divisible: tuple = ()) -> int:
+    """Shared memory of fn compiled with these types; pointers and the ints named in `divisible` specialised as
+    divisible by 16, as the launcher does for aligned tensors and widths such as 768."""
+    aligned = {name for name, kind in signature.items() if kind.startswith("*")} | set(divisible)
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
     names = list(signature)
     source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(names.index(name),): value for name, value in constexprs.items()})
+                       constexprs={(names.index(name),): value for name, value in constexprs.items()},
+                       attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
     return triton.compile(source, target=TARGET).metadata.shared
 
 
@@ -46,9 +49,12 @@ def compile_launch(launch: dict) -> dict:
     constexprs = upcast_as_compiled(launch)
     signature = {**launch["signature"], **{name: "constexpr" for name in constexprs}}
     names = list(fn.arg_names)
+    # The launcher's divisibility specialisation (recorded per argument): part of what gets compiled.
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in launch["divisible_by_16"]}
     source = ASTSource(fn=fn, signature={name: signature[name] for name in names},
-                       constexprs={(names.index(name),): value for name, value in constexprs.items()})
-    entry = {"kernel": launch["kernel"], "constexprs": constexprs, "signature": launch["signature"]}
+                       constexprs={(names.index(name),): value for name, value in constexprs.items()}, attrs=attrs)
+    entry = {"kernel": launch["kernel"], "constexprs": constexprs, "signature": launch["signature"],
+             "divisible_by_16": launch["divisible_by_16"]}
     try:
         entry["shared"] = triton.compile(source, target=TARGET, options=launch["options"]).metadata.shared
     except Exception as error:  # noqa: BLE001 - reported per launch, asserted on by the test
@@ -78,7 +84,8 @@ def probes() -> dict:
             results[f"moe_forward {dtype} h_pad={h_pad}"] = shared_bytes(km._forward_kernel, forward, {
                 "ACT": 0, "HAS_DROPOUT": True, "PER_EXPERT": False, "PER_SLOT_OUT": True,
                 "UPCAST": dtype == "*fp32",          # as km._upcast decides for compiled (not interpreted) runs
-                "BLOCK_M": km.BLOCK_M, "BLOCK_K": km.BLOCK_K, "BLOCK_N": km.BLOCK_N, "H_PAD": h_pad})
+                "BLOCK_M": km.BLOCK_M, "BLOCK_K": km.BLOCK_K, "BLOCK_N": km.BLOCK_N, "H_PAD": h_pad},
+                divisible=("d", "h", "d_out"))
     return results
 
 

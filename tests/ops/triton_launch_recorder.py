@@ -11,26 +11,19 @@ import inspect
 import json
 import os
 
-import torch
 import triton.language as tl
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.nvidia.compiler import CUDABackend
 from triton.runtime.interpreter import InterpretedFunction
 
-TENSOR_TYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-                torch.bool: "i1"}
 
-
-def triton_type(value) -> str:
-    """The signature entry Triton's launcher would derive for a non-constexpr argument."""
-    if isinstance(value, torch.Tensor):
-        return "*" + TENSOR_TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for a launch argument of type {type(value).__name__}")
+def specialization(value) -> tuple[str, bool]:
+    """What Triton's launcher makes of a non-constexpr argument when it compiles for CUDA: its signature type
+    ("constexpr" for an int equal to 1, which Triton specialises as a constant) and whether it is specialised as
+    divisible by 16 (a tensor's address, an int's value). Divisibility changes the compiled kernel: it enables
+    vectorised and asynchronous (cp.async, pipelined) loads, which take shared memory."""
+    kind, key = native_specialize_impl(CUDABackend, value, False, True, True)
+    return kind, key == "D"
 
 
 def is_constexpr(parameter: inspect.Parameter) -> bool:
@@ -42,16 +35,22 @@ def launch_record(fn, args: tuple, kwargs: dict) -> dict:
     parameters = inspect.signature(fn).parameters
     values = dict(zip(parameters, args))
     values.update({name: value for name, value in kwargs.items() if name in parameters})
-    signature, constexprs = {}, {}
+    signature, constexprs, divisible = {}, {}, []
     for name, parameter in parameters.items():
         value = values.get(name, parameter.default)
         if is_constexpr(parameter) or value is None:  # a None argument is specialised as a constant
             constexprs[name] = value
+            continue
+        kind, aligned = specialization(value)
+        if kind == "constexpr":
+            constexprs[name] = value
         else:
-            signature[name] = triton_type(value)
+            signature[name] = kind
+            if aligned:
+                divisible.append(name)
     options = {name: value for name, value in kwargs.items() if name not in parameters}
     return {"module": fn.__module__, "kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
-            "options": options}
+            "divisible_by_16": divisible, "options": options}
 
 
 def pytest_configure(config):

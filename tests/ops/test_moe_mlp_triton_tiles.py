@@ -1,0 +1,162 @@
+"""The triton backend's two tilings of moe_mlp: by expert (kernels/moe_mlp.py, per-slot buffer and a combine pass
+for k >= 2) and by unit (kernels/moe_mlp_units.py: the k experts of a unit as one MLP whose hidden row is their
+concatenation; no per-slot buffer). FSOSR_MOE_MLP_TRITON_TILES picks one (kernels.moe_mlp.unit_tiles).
+Under the interpreter on CPU tensors, or compiled with FSOSR_TEST_DEVICE=cuda."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fsosr import testing
+from fsosr.ops import moe_mlp, topk_route
+from tests.ops.test_moe_mlp import DEVICE, NATIVE, native_fn
+
+pytestmark = pytest.mark.skipif("triton" not in NATIVE, reason="triton backend not usable here")
+
+
+@pytest.fixture
+def kernels():
+    from fsosr._triton import moe_mlp  # noqa: PLC0415 - imports Triton
+    return moe_mlp
+
+
+def make_inputs(e, d, h, d_out, g, n, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n * g, d, generator=gen, dtype=torch.float64)
+    logits = torch.randn(n, e, generator=gen, dtype=torch.float64)
+    weights = [torch.randn(*s, generator=gen, dtype=torch.float64) / s[-2 if len(s) == 3 else -1] ** 0.5
+               for s in [(e, d, h), (e, h), (e, h, d_out), (e, d_out)]]
+    # Gradients reach the logits through the gates, so grad_gates is compared too.
+    return ([x.to(DEVICE, dtype).requires_grad_(), logits.requires_grad_()]
+            + [w.to(DEVICE, dtype).requires_grad_() for w in weights])
+
+
+def count_unit_launches(monkeypatch, kernels):
+    """Wrap the unit-tiled launchers; returns the list of launcher names called."""
+    calls = []
+    for name in ("forward", "backward_rows"):
+        original = getattr(kernels.moe_mlp_units, name)
+
+        def wrapped(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(kernels.moe_mlp_units, name, wrapped)
+    return calls
+
+
+UNIT_CASES = [  # (E, k, d, h, d_out, G, N, activation, dropout): what each exercises
+    (22, 2, 768, 64, 768, 197, 2, "relu", 0.1),     # MoE-Adapters4CL: k*h = 128 (the widest), 4 tiles, last 5 rows
+    (7, 2, 97, 47, 50, 33, 3, "gelu", 0.0),         # odd d, d_out != d, k*h = 94 padded to 128, G just over 32
+    (4, 4, 40, 16, 24, 16, 2, "quick_gelu", 0.2),   # k = E, 16-row tiles
+    (5, 1, 24, 20, 24, 65, 2, "identity", 0.1),     # k = 1 (forced), second tile holds one row
+    (3, 2, 64, 16, 32, 17, 1, "relu", 0.3),         # one unit, 32-row tile
+]
+
+
+@pytest.mark.parametrize("e,k,d,h,d_out,g,n,activation,dropout", UNIT_CASES)
+def test_unit_tiles_match_reference(monkeypatch, kernels, e, k, d, h, d_out, g, n, activation, dropout):
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", "units")
+    calls = count_unit_launches(monkeypatch, kernels)
+    fn = native_fn(g, activation, dropout)
+    fn.k = k
+    inputs = make_inputs(e, d, h, d_out, g, n, torch.float32, seed=e * 10 + g)
+    testing.compare_with_reference(fn, inputs, backend="triton", grad_outputs=[0], names=["y"], atol=1e-4,
+                                   rtol=1e-4)
+    assert calls == ["forward", "backward_rows"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_unit_tiles_low_precision(monkeypatch, kernels, dtype):
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", "units")
+    calls = count_unit_launches(monkeypatch, kernels)
+    fn = native_fn(40, "relu", 0.1)
+    fn.k = 2
+    inputs = make_inputs(22, 64, 64, 64, 40, 2, dtype, seed=9)
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    testing.compare_with_reference(fn, inputs, backend="triton", grad_outputs=[0], names=["y"], atol=tol, rtol=tol)
+    assert calls == ["forward", "backward_rows"]
+
+
+def test_unit_tiles_are_deterministic_and_round_differently_from_expert_tiles(monkeypatch, kernels):
+    fn = native_fn(37, "gelu", 0.1)
+    fn.k = 2
+    inputs = make_inputs(6, 48, 32, 40, 37, 3, torch.float32, seed=3)
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", "units")
+    testing.assert_bitwise_deterministic(fn, inputs, backend="triton", grad_outputs=[0])
+    probe = [torch.randn(3 * 37, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)]
+    by_unit = testing.run_with_grads(fn, inputs, "triton", [0], probe)
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", "experts")
+    by_expert = testing.run_with_grads(fn, inputs, "triton", [0], probe)
+    unit_values = list(by_unit[0]) + list(by_unit[1])
+    expert_values = list(by_expert[0]) + list(by_expert[1])
+    # Different GEMM shapes and summation orders: not the same bits (so the two runs did take different kernels),
+    # the same function.
+    assert not all(torch.equal(a, b) for a, b in zip(unit_values, expert_values))
+    for a, b in zip(unit_values, expert_values):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tiling,k,g,h,per_expert,expected", [
+    ("units", 2, 197, 64, False, True), ("units", 1, 1, 16, False, True),
+    ("units", 3, 197, 64, False, False),          # k*h = 192 > 128: does not fit, expert tiles
+    ("units", 2, 197, 64, True, False),           # per-expert inputs (FSMoE): units do not share their input rows
+    ("units", 2, 197, 0, False, False),           # no hidden columns
+    ("experts", 2, 197, 64, False, False),
+    ("auto", 2, 197, 64, False, True), ("auto", 2, 77, 64, False, True), ("auto", 2, 31, 64, False, False),
+    ("auto", 1, 197, 64, False, False),           # k = 1 has no per-slot buffer to save
+])
+def test_tiling_rule(monkeypatch, kernels, tiling, k, g, h, per_expert, expected):
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", tiling)
+    assert kernels.unit_tiles(k, g, h, per_expert) is expected
+
+
+def test_default_tiling_and_a_bad_setting(monkeypatch, kernels):
+    monkeypatch.delenv("FSOSR_MOE_MLP_TRITON_TILES", raising=False)
+    # Expert tiles until unit tiles have run on a GPU (kernels/moe_mlp.py, DEFAULT_TILING).
+    assert kernels.DEFAULT_TILING == "experts" and kernels.unit_tiles(2, 197, 64, False) is False
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", "by_unit")
+    with pytest.raises(ValueError, match="FSOSR_MOE_MLP_TRITON_TILES must be experts, units or auto"):
+        kernels.unit_tiles(2, 197, 64, False)
+
+
+def test_auto_tiling_runs_units_for_per_sample_routing_only(monkeypatch, kernels):
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", "auto")
+    calls = count_unit_launches(monkeypatch, kernels)
+    for g, n, expected in [(40, 2, ["forward", "backward_rows"]), (1, 40, [])]:
+        calls.clear()
+        fn = native_fn(g, "relu", 0.0)
+        fn.k = 2
+        inputs = make_inputs(5, 16, 16, 16, g, n, torch.float32, seed=g)
+        testing.compare_with_reference(fn, inputs, backend="triton", grad_outputs=[0], names=["y"], atol=1e-4,
+                                       rtol=1e-4)
+        assert calls == expected, (g, calls)
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_unit_tiles_match_reference_deterministic_and_capture(monkeypatch, kernels, dtype):
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", "units")
+    calls = count_unit_launches(monkeypatch, kernels)
+    fn = native_fn(197, "relu", 0.1)
+    fn.k = 2
+    inputs = make_inputs(22, 768, 64, 768, 197, 16, dtype, seed=11)
+    inputs = [t.detach().to("cuda" if i != 1 else "cpu").requires_grad_() for i, t in enumerate(inputs)]
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    testing.compare_with_reference(fn, inputs, backend="triton", grad_outputs=[0], names=["y"], atol=tol, rtol=tol)
+    testing.assert_bitwise_deterministic(fn, inputs, backend="triton", grad_outputs=[0])
+    assert "forward" in calls and "backward_rows" in calls
+
+    x, _, w1, b1, w2, b2 = (t.detach() for t in inputs)
+    logits = torch.randn(16, 22, device="cuda")
+
+    def layer():
+        routing = topk_route(logits, 2, backend="triton", check_finite=False)
+        return moe_mlp(x, routing, w1, b1, w2, b2, group_size=197, scale=0.1, dropout=0.1, seed=7, backend="triton")
+
+    graph, captured = testing.capture_cuda_graph(layer)
+    x.copy_(torch.randn_like(x))
+    logits.copy_(torch.randn_like(logits))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, layer())
