@@ -99,7 +99,7 @@ def _unit_forward_kernel(x_ptr, indices_ptr, gates_ptr, w1_ptr, b1_ptr, w2_ptr, 
 @triton.jit
 def _unit_backward_rows_kernel(dy_ptr, indices_ptr, gates_ptr, w1_ptr, w2_ptr, b2_ptr, pre_ptr,
                                dpre_ptr, hid_ptr, gate_part_ptr, dx_ptr,
-                               G, d, h, d_out, scale, dropout, seed_key, K: tl.constexpr,
+                               G, d, h, d_out, scale, dropout, seed_key, K: tl.constexpr, K_PAD: tl.constexpr,
                                ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                                KH_PAD: tl.constexpr):
@@ -110,7 +110,6 @@ def _unit_backward_rows_kernel(dy_ptr, indices_ptr, gates_ptr, w1_ptr, w2_ptr, b
     c_ok, slot, hc, expert, gate = _unit_columns(unit, K, h, indices_ptr, gates_ptr, KH_PAD)
     hmask = t_ok[:, None] & c_ok[None, :]
     slot_row = (unit * K + slot)[None, :] * G + t[:, None]
-    pre = tl.load(pre_ptr + slot_row * h + hc[None, :], mask=hmask, other=0.0)
     # dyW = dy @ [w2[e_1]; ...; w2[e_k]]^T over d_out.
     dyw = tl.zeros([BLOCK_M, KH_PAD], dtype=tl.float32)
     for n0 in range(0, d_out, BLOCK_N):
@@ -120,11 +119,10 @@ def _unit_backward_rows_kernel(dy_ptr, indices_ptr, gates_ptr, w1_ptr, w2_ptr, b
         w2_t = tl.load(w2_ptr + (expert[None, :] * h + hc[None, :]) * d_out + ncol[:, None],
                        mask=n_ok[:, None] & c_ok[None, :], other=0.0)                  # [BLOCK_N, KH_PAD]
         dyw = _mma(dy, w2_t, dyw, UPCAST)
-    # dy . b2[e_j] of every slot, in a loop of its own as in the expert-sorted kernel (Triton 3.6 miscompiled a
-    # reduction inside the pipelined dot loop there), placed in the slot's first column so that one masked row sum
-    # per slot below adds it to hid . dyW.
-    dy_b2 = tl.zeros([BLOCK_M, KH_PAD], dtype=tl.float32)
-    c = tl.arange(0, KH_PAD)
+    # dy . b2[e_j] of every slot (column j), in a loop of its own as in the expert-sorted kernel (Triton 3.6
+    # miscompiled a reduction inside the pipelined dot loop there).
+    slots = tl.arange(0, K_PAD)
+    dy_b2 = tl.zeros([BLOCK_M, K_PAD], dtype=tl.float32)
     for n0 in range(0, d_out, BLOCK_N):
         ncol = n0 + tl.arange(0, BLOCK_N)
         n_ok = ncol < d_out
@@ -133,7 +131,9 @@ def _unit_backward_rows_kernel(dy_ptr, indices_ptr, gates_ptr, w1_ptr, w2_ptr, b
         for j in tl.static_range(K):
             e_j = tl.load(indices_ptr + unit * K + j).to(tl.int64)
             b2 = tl.load(b2_ptr + e_j * d_out + ncol, mask=n_ok, other=0.0).to(tl.float32)
-            dy_b2 += tl.where((c == j * h)[None, :], tl.sum(dy * b2[None, :], axis=1)[:, None], 0.0)
+            dy_b2 += tl.where((slots == j)[None, :], tl.sum(dy * b2[None, :], axis=1)[:, None], 0.0)
+    # pre is loaded only now: live through the loops above it would cost registers (spills, per cuobjdump).
+    pre = tl.load(pre_ptr + slot_row * h + hc[None, :], mask=hmask, other=0.0)
     act = _activation(pre, ACT)
     dact = _activation_grad(pre, ACT)
     if HAS_DROPOUT:
@@ -141,9 +141,10 @@ def _unit_backward_rows_kernel(dy_ptr, indices_ptr, gates_ptr, w1_ptr, w2_ptr, b
         act = act * keep_scale
         dact = dact * keep_scale
     # grad_gates partials per (slot, token): scale * (hid . dyW + dy . b2); tokens are summed by the launcher.
-    contribution = tl.where(hmask, act * dyw + dy_b2, 0.0)
+    contribution = tl.where(hmask, act * dyw, 0.0)
     for j in tl.static_range(K):
-        part = scale * tl.sum(tl.where((slot == j)[None, :], contribution, 0.0), axis=1)
+        part = tl.sum(tl.where((slot == j)[None, :], contribution, 0.0), axis=1)
+        part = scale * (part + tl.sum(tl.where((slots == j)[None, :], dy_b2, 0.0), axis=1))
         tl.store(gate_part_ptr + (unit * K + j) * G + t, part, mask=t_ok)
     # For the weight pass, by slot row: dpre (fp32, it also feeds grad_b1) and the gate-scaled hidden activations.
     gate_scale = gate * scale
@@ -190,6 +191,6 @@ def backward_rows(grad_y, indices, gates, w1, w2, b2, hidden_pre, dpre, scaled_h
     _unit_backward_rows_kernel[(num_units, triton.cdiv(G, block_m))](
         grad_y, indices, gates, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part, grad_x,
         G, d, h, d_out, float(scale), float(dropout), int(seed_key) if dropout > 0 else 0, K=k,
-        ACT=int(activation), HAS_DROPOUT=dropout > 0, UPCAST=_upcast(grad_y.dtype), BLOCK_M=block_m,
+        K_PAD=triton.next_power_of_2(k), ACT=int(activation), HAS_DROPOUT=dropout > 0, UPCAST=_upcast(grad_y.dtype), BLOCK_M=block_m,
         BLOCK_K=_pow2_at_least_16(d, BLOCK_K), BLOCK_N=_pow2_at_least_16(d_out, BLOCK_N), KH_PAD=kh_pad,
         num_warps=_num_warps(kh_pad))

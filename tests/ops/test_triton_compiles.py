@@ -54,7 +54,7 @@ def launch_name(launch: dict) -> str:
 
 def test_every_launch_the_tests_make_compiles_and_fits_an_h100(compiled):
     launches = compiled["launches"]
-    assert len(launches) >= 100, len(launches)   # 182 distinct launches when this was written
+    assert len(launches) >= 100, len(launches)   # 487 distinct launches when this was written
     errors = [f"{launch_name(x)}: {x['error']}" for x in launches if "error" in x]
     assert not errors, "\n".join(errors[:5])
     too_big = [f"{launch_name(x)}: {x['shared']} B" for x in launches if x["shared"] > H100_SHARED_BYTES]
