@@ -29,8 +29,9 @@ Kernels (all launch grids come from shapes alone: no host synchronisation, CUDA-
    unit-tiled rows pass saves them by slot row; the weight pass reads either, BY_SLOT).
 4. ``_backward_weights_kernel``: grid (E, S, d blocks + d_out blocks). Split s of expert e reduces a fixed chunk
    of the expert's routed rows into an fp32 workspace [S, E, ...]; ``_reduce_splits_kernel`` then sums the S
-   partials in order (one launch for the four gradients). Chunk bounds depend on offsets and shapes only, so
-   weight gradients are bitwise reproducible (no float atomics).
+   partials in order (one launch for the four gradients). With S = 1 (enough programs without chunks, e.g. E 22)
+   the programs store the gradients directly. Chunk bounds depend on offsets and shapes only, so weight gradients
+   are bitwise reproducible (no float atomics).
 
 Precision: fp32 inputs use 3xTF32 dots (fp32-level accuracy). fp16/bf16 use tensor cores with fp32 accumulation;
 the hidden activations and dpre are rounded to the input dtype right before the GEMM that consumes them (as
@@ -59,6 +60,7 @@ WEIGHT_ROWS = 128       # rows per step (the GEMM's K) of a weight-gradient prog
                         # (64, 64) 928 us, (64, 128) 982 us
 SUM_BLOCK = 1024        # elements per program of the slot combine
 MAX_SPLITS = 16         # row chunks per expert for the weight gradients
+FILL_PROGRAMS = 512     # (expert, output block) programs that fill an H100 (132 SMs) without row chunks
 WORKSPACE_ELEMENTS = 1 << 24   # cap on the fp32 weight-gradient workspace (64 MiB)
 # Tiling of the forward and the rows pass (unit_tiles). Unit tiles (kernels/moe_mlp_units.py) drop the per-slot
 # buffer and its combine pass; they are checked against the reference under the interpreter and compiled for sm_90,
@@ -242,7 +244,7 @@ def _backward_weights_kernel(x_ptr, dy_ptr, dpre_ptr, hid_ptr, indices_ptr, gate
     workspace = (split * num_experts + e).to(tl.int64)
     hcol = tl.arange(0, H_PAD)
     h_ok = hcol < h
-    num_d_blocks = tl.cdiv(d, BLOCK_D)
+    num_d_blocks = tl.maximum(tl.cdiv(d, BLOCK_D), 1)    # one even when d = 0: it writes grad_b1
     if block < num_d_blocks:
         # grad_w1[e][rows dcol] = sum x_rows^T dpre; grad_b1[e] = sum dpre (block 0 only).
         dcol = block * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -259,10 +261,10 @@ def _backward_weights_kernel(x_ptr, dy_ptr, dpre_ptr, hid_ptr, indices_ptr, gate
                            mask=valid[:, None] & h_ok[None, :], other=0.0)
             dw1_acc = _mma(x_t, dpre.to(x_ptr.dtype.element_ty), dw1_acc, UPCAST)
             db1_acc += tl.sum(dpre, axis=0)
-        tl.store(dw1_ptr + (workspace * d + dcol[:, None]) * h + hcol[None, :], dw1_acc,
+        tl.store(dw1_ptr + (workspace * d + dcol[:, None]) * h + hcol[None, :], dw1_acc.to(dw1_ptr.dtype.element_ty),
                  mask=d_ok[:, None] & h_ok[None, :])
         if block == 0:
-            tl.store(db1_ptr + workspace * h + hcol, db1_acc, mask=h_ok)
+            tl.store(db1_ptr + workspace * h + hcol, db1_acc.to(db1_ptr.dtype.element_ty), mask=h_ok)
     else:
         # grad_w2[e][:, ncol] = sum (scale*g*hid)^T dy; grad_b2[e][ncol] = sum scale*g*dy.
         ncol = (block - num_d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -279,9 +281,9 @@ def _backward_weights_kernel(x_ptr, dy_ptr, dpre_ptr, hid_ptr, indices_ptr, gate
                          mask=valid[:, None] & n_ok[None, :], other=0.0)
             dw2_acc = _mma(hid_t, dy, dw2_acc, UPCAST)
             db2_acc += tl.sum(dy.to(tl.float32) * (gate * scale)[:, None], axis=0)
-        tl.store(dw2_ptr + (workspace * h + hcol[:, None]) * d_out + ncol[None, :], dw2_acc,
-                 mask=h_ok[:, None] & n_ok[None, :])
-        tl.store(db2_ptr + workspace * d_out + ncol, db2_acc, mask=n_ok)
+        tl.store(dw2_ptr + (workspace * h + hcol[:, None]) * d_out + ncol[None, :],
+                 dw2_acc.to(dw2_ptr.dtype.element_ty), mask=h_ok[:, None] & n_ok[None, :])
+        tl.store(db2_ptr + workspace * d_out + ncol, db2_acc.to(db2_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -401,9 +403,14 @@ def _backward_rows_by_expert(grad_y, x, indices, gates, order, w1, w2, b2, hidde
     return grad_x
 
 
-def _num_splits(num_rows, num_experts, d, h, d_out) -> int:
-    """Row chunks per expert for the weight gradients: about 4 blocks of rows per program on average, enough
-    programs to fill a GPU, and a bounded workspace. Depends on shapes only, which keeps the sums reproducible."""
+def _num_splits(num_rows, num_experts, d, h, d_out, num_blocks) -> int:
+    """Row chunks per expert for the weight gradients. None (1) where the (expert, output block) programs alone
+    are enough to fill a GPU: then each program stores its block straight into the gradient, with no fp32
+    workspace round trip (at the GPU adapter shape, E 22 x 24 blocks, the 3 splits of the rule below wrote and read
+    back 26 MB per step) and no second kernel. Otherwise about 4 blocks of rows per program on average and a bounded
+    workspace. Depends on shapes only, which keeps the sums reproducible."""
+    if num_experts * num_blocks >= FILL_PROGRAMS:
+        return 1
     wanted = triton.cdiv(num_rows, num_experts * WEIGHT_ROWS * 4)
     fits = WORKSPACE_ELEMENTS // max(1, num_experts * (d * h + h * d_out + h + d_out))
     return max(1, min(wanted, MAX_SPLITS, fits))
@@ -438,24 +445,21 @@ def moe_mlp_backward(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, 
                                           per_expert_input)
     grad_gates = gate_part.sum(dim=2).to(gates.dtype)       # fixed-shape reduction over tokens: deterministic
 
-    # Weight pass: S fixed row chunks per expert into an fp32 workspace, then a fixed-order sum over S.
-    splits = _num_splits(num_rows, num_experts, d, h, d_out)
+    # Weight pass: S fixed row chunks per expert into an fp32 workspace, then a fixed-order sum over S; with S = 1
+    # the programs write the gradients themselves.
     block_d = _pow2_at_least_16(max(d, d_out), _weight_block(x.dtype, h_pad))
-    dw1 = torch.empty((splits, num_experts, d, h), dtype=f32, device=device)
-    # db1 is written by the first d block of each (expert, split); without d blocks (d = 0) it stays 0.
-    db1 = (torch.empty if d > 0 else torch.zeros)((splits, num_experts, h), dtype=f32, device=device)
-    dw2 = torch.empty((splits, num_experts, h, d_out), dtype=f32, device=device)
-    db2 = torch.empty((splits, num_experts, d_out), dtype=f32, device=device)
-    num_blocks = triton.cdiv(d, block_d) + triton.cdiv(d_out, block_d)
-    _backward_weights_kernel[(num_experts, splits, max(1, num_blocks))](
-        x, grad_y, dpre, scaled_hidden, indices, gates, order, offsets, dw1, db1, dw2, db2,
-        num_units, k, G, d, h, d_out, num_experts, splits, float(scale),
-        PER_EXPERT=bool(per_expert_input), BY_SLOT=by_unit, UPCAST=upcast, BLOCK_M=WEIGHT_ROWS, BLOCK_D=block_d, H_PAD=h_pad,
-        num_warps=_num_warps(h_pad * block_d // 64))       # its accumulator is [BLOCK_D, H_PAD]
-
+    # d blocks (at least one, which writes grad_b1 even when d = 0), then d_out blocks.
+    num_blocks = max(1, triton.cdiv(d, block_d)) + triton.cdiv(d_out, block_d)
+    splits = _num_splits(num_rows, num_experts, d, h, d_out, num_blocks)
     grads = [torch.empty_like(w) for w in (w1, b1, w2, b2)]
+    partials = grads if splits == 1 else [torch.empty((splits, *g.shape), dtype=f32, device=device) for g in grads]
+    _backward_weights_kernel[(num_experts, splits, num_blocks)](
+        x, grad_y, dpre, scaled_hidden, indices, gates, order, offsets, *partials,
+        num_units, k, G, d, h, d_out, num_experts, splits, float(scale),
+        PER_EXPERT=bool(per_expert_input), BY_SLOT=by_unit, UPCAST=upcast, BLOCK_M=WEIGHT_ROWS, BLOCK_D=block_d,
+        H_PAD=h_pad, num_warps=_num_warps(h_pad * block_d // 64))       # its accumulator is [BLOCK_D, H_PAD]
     largest = max(g.numel() for g in grads)
-    if largest:
+    if splits > 1 and largest:
         _reduce_splits_kernel[(triton.cdiv(largest, SUM_BLOCK), 4)](
-            dw1, db1, dw2, db2, *grads, *(g.numel() for g in grads), splits, BLOCK=SUM_BLOCK, num_warps=4)
+            *partials, *grads, *(g.numel() for g in grads), splits, BLOCK=SUM_BLOCK, num_warps=4)
     return (grad_x, grad_gates, *grads)

@@ -134,7 +134,7 @@ void matmul_tn_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor
 
 void addmm_into(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
   at::Tensor o = out;
-  o.copy_(bias.reshape({1, -1}).expand(out.sizes()));
+  o.copy_(bias.reshape({1, bias.numel()}).expand(out.sizes()));
   matmul_into(out, a, b, /*accumulate=*/true);
 }
 

@@ -121,7 +121,8 @@ void forward_by_expert(const Problem& p, const at::Tensor& x, const at::Tensor& 
                        const int64_t* off, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                        const at::Tensor& b2, at::Tensor& hidden_pre, at::Tensor& y) {
   const auto acc = w1.scalar_type();
-  at::Tensor pre_flat = hidden_pre.view({-1, p.hidden});
+  // Explicit row counts, not -1: a view with -1 cannot infer a size when a width is 0.
+  at::Tensor pre_flat = hidden_pre.view({p.units * p.k * p.group, p.hidden});
   // Every (unit, slot) is routed to exactly one expert, so every row of slot_out is written: no zero-fill.
   at::Tensor slot_out = at::empty({p.units * p.k * p.group, p.d_out}, w1.options());
   for_each_task(tasks_longest_first(expert_costs(p, off, 1)), [] { return 0; }, [&](int, int64_t e) {
@@ -154,8 +155,12 @@ void zero_empty_experts(const Problem& p, const int64_t* off, std::initializer_l
   for (int64_t e = 0; e < p.experts; ++e) {
     if (off[e] != off[e + 1]) continue;
     for (at::Tensor* t : grads) {
-      acc_t* begin = t->data_ptr<acc_t>() + e * t->stride(0);
-      std::fill(begin, begin + t->stride(0), acc_t(0));
+      // Per-expert size from numel, not stride(0): a tensor with a zero-width dimension (d, h or d_out = 0) has
+      // no elements but a nonzero stride.
+      const int64_t per_expert = t->numel() / p.experts;
+      if (per_expert == 0) continue;
+      acc_t* begin = t->data_ptr<acc_t>() + e * per_expert;
+      std::fill(begin, begin + per_expert, acc_t(0));
     }
   }
 }
@@ -168,8 +173,8 @@ void backward_by_expert(const Problem& p, const at::Tensor& x, const at::Tensor&
                         const at::Tensor& b2, const at::Tensor& hidden_pre, at::Tensor& grad_x, acc_t* grad_gate,
                         at::Tensor& grad_w1, at::Tensor& grad_b1, at::Tensor& grad_w2, at::Tensor& grad_b2) {
   const auto acc = w1t.scalar_type();
-  const at::Tensor pre_flat = hidden_pre.view({-1, p.hidden});
-  const at::Tensor grad_y_rows = grad_y.view({-1, p.d_out});
+  const at::Tensor pre_flat = hidden_pre.view({p.units * p.k * p.group, p.hidden});
+  const at::Tensor grad_y_rows = grad_y.view({grad_y.size(0), p.d_out});  // y is [rows, d_out] in both forms
   // Every row of slot_dx is written (each (unit, slot) has one expert): no zero-fill.
   at::Tensor slot_dx = p.per_expert_input ? at::Tensor() : at::empty({p.units * p.k * p.group, p.d_in}, w1t.options());
   for_each_task(tasks_longest_first(expert_costs(p, off, 1)), [] { return 0; }, [&](int, int64_t e) {

@@ -73,7 +73,9 @@ void dense_epilogue(const Problem& p, const int64_t* idx, const acc_t* gate, acc
 }
 
 // w1 [E, d, h] as one [d, E*h] matrix (column block e = expert e), the shared-input form's first GEMM operand.
-at::Tensor w1_wide(const at::Tensor& w1) { return w1.permute({1, 0, 2}).reshape({w1.size(1), -1}); }
+at::Tensor w1_wide(const at::Tensor& w1) {
+  return w1.permute({1, 0, 2}).reshape({w1.size(1), w1.size(0) * w1.size(2)});  // no -1: a width may be 0
+}
 
 }  // namespace
 
@@ -120,7 +122,7 @@ void dense_forward(const Problem& p, const at::Tensor& x, const at::Tensor& indi
     for (int64_t e = 0; e < p.experts; ++e) cpu_gemm::matmul_into(out, hid[e], w2[e], /*accumulate=*/true);
   } else {
     out.view({p.units, p.group, p.d_out}).copy_(bias.unsqueeze(1).expand({p.units, p.group, p.d_out}));
-    cpu_gemm::matmul_into(out, hid, w2.reshape({-1, p.d_out}), /*accumulate=*/true);
+    cpu_gemm::matmul_into(out, hid, w2.reshape({p.experts * p.hidden, p.d_out}), /*accumulate=*/true);
   }
   if (!out.is_same(y)) y.copy_(out);
 }
@@ -135,7 +137,7 @@ void dense_backward(const Problem& p, const at::Tensor& x, const at::Tensor& gra
   // w2^T [E, d_out, h] or [d_out, E*h], and w1^T [E, h, d_in] (the wide [E*h, d_in] one is a copy either way).
   const bool copy = copy_transposed_weights(p, /*dense=*/true);
   auto row_major_if_copy = [copy](const at::Tensor& t) { return copy ? t.contiguous() : t; };
-  const at::Tensor w2t = row_major_if_copy(p.per_expert_input ? w2.transpose(1, 2) : w2.reshape({-1, p.d_out}).t());
+  const at::Tensor w2t = row_major_if_copy(p.per_expert_input ? w2.transpose(1, 2) : w2.reshape({p.experts * p.hidden, p.d_out}).t());
   const at::Tensor w1t = row_major_if_copy(w1.transpose(1, 2));
   at::Tensor dy_w2;
   if (p.per_expert_input) {
@@ -163,12 +165,12 @@ void dense_backward(const Problem& p, const at::Tensor& x, const at::Tensor& gra
     }
     at::sum_out(grad_b1, dpre, {1});
   } else {
-    cpu_gemm::matmul_into(dx, dpre, w1t.reshape({-1, p.d_in}), /*accumulate=*/false);
+    cpu_gemm::matmul_into(dx, dpre, w1t.reshape({p.experts * p.hidden, p.d_in}), /*accumulate=*/false);
     const at::Tensor grad_w1_wide = at::empty({p.d_in, p.experts * p.hidden}, w1.options());
     cpu_gemm::matmul_tn_into(grad_w1_wide, xa, dpre);
     grad_w1.copy_(grad_w1_wide.view({p.d_in, p.experts, p.hidden}).permute({1, 0, 2}));
-    at::sum_out(grad_b1, dpre.view({-1, p.experts, p.hidden}), {0});
-    cpu_gemm::matmul_tn_into(grad_w2.view({-1, p.d_out}), hid, grad_y);
+    at::sum_out(grad_b1, dpre.view({dpre.size(0), p.experts, p.hidden}), {0});
+    cpu_gemm::matmul_tn_into(grad_w2.view({p.experts * p.hidden, p.d_out}), hid, grad_y);
   }
   if (!dx.is_same(grad_x)) grad_x.copy_(dx);
 }

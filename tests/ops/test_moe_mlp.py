@@ -195,6 +195,34 @@ def test_native_weight_gradients_over_several_row_chunks(backend):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("d,h,d_out", [(0, 16, 8), (8, 0, 8), (8, 16, 0)], ids=["d0", "h0", "d_out0"])
+@pytest.mark.parametrize("group_size", [1, 20, "per_expert"])
+def test_native_zero_widths(backend, d, h, d_out, group_size):
+    # A zero-width input still has pre = b1, so grad_b1 is not zero; zero-width hidden or output layers give
+    # zeros. (Found broken: triton left grad_b1 at 0 for d = 0; cpu could not view a 0-wide tensor with -1 and
+    # zero-filled unpicked experts' gradients past the end of an empty tensor.)
+    per_expert = group_size == "per_expert"
+    fn = native_fn(1 if per_expert else group_size, "gelu", 0.0, per_expert)
+    fn.k = 2
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(5, 3, d) if per_expert else (3 * group_size, d), (5, d, h), (5, h), (5, h, d_out), (5, d_out)]
+    x, w1, b1, w2, b2 = (torch.randn(*s, generator=gen, dtype=torch.float64).to(DEVICE, torch.float32)
+                         .requires_grad_() for s in shapes)
+    logits = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    testing.compare_with_reference(fn, [x, logits, w1, b1, w2, b2], backend=backend, grad_outputs=[0], names=["y"],
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif("triton" not in NATIVE, reason="triton backend not usable here")
+def test_triton_weight_pass_chunks_rows_only_where_experts_are_few():
+    from fsosr._triton import moe_mlp as km  # noqa: PLC0415
+    # (rows, E, d, h, d_out, output blocks) -> row chunks per expert
+    assert km._num_splits(64 * 197 * 2, 22, 768, 64, 768, 24) == 1      # GPU adapter shape: 528 programs already
+    assert km._num_splits(50_000 * 2, 8, 768, 64, 768, 24) == 16        # per-token, E 8: 192 programs, 16 chunks
+    assert km._num_splits(1400, 2, 16, 16, 16, 2) == 2                  # the test above: 2 experts x 700 rows
+
+
+@pytest.mark.parametrize("backend", NATIVE)
 @pytest.mark.parametrize("activation", ["gelu", "quick_gelu", "identity"])
 @pytest.mark.parametrize("per_expert", [False, True], ids=["shared", "per_expert"])
 def test_native_activations_and_fsmoe_form(backend, activation, per_expert):
