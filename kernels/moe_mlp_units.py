@@ -191,6 +191,6 @@ def backward_rows(grad_y, indices, gates, w1, w2, b2, hidden_pre, dpre, scaled_h
     _unit_backward_rows_kernel[(num_units, triton.cdiv(G, block_m))](
         grad_y, indices, gates, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part, grad_x,
         G, d, h, d_out, float(scale), float(dropout), int(seed_key) if dropout > 0 else 0, K=k,
-        K_PAD=triton.next_power_of_2(k), ACT=int(activation), HAS_DROPOUT=dropout > 0, UPCAST=_upcast(grad_y.dtype), BLOCK_M=block_m,
-        BLOCK_K=_pow2_at_least_16(d, BLOCK_K), BLOCK_N=_pow2_at_least_16(d_out, BLOCK_N), KH_PAD=kh_pad,
-        num_warps=_num_warps(kh_pad))
+        K_PAD=triton.next_power_of_2(k), ACT=int(activation), HAS_DROPOUT=dropout > 0,
+        UPCAST=_upcast(grad_y.dtype), BLOCK_M=block_m, BLOCK_K=_pow2_at_least_16(d, BLOCK_K),
+        BLOCK_N=_pow2_at_least_16(d_out, BLOCK_N), KH_PAD=kh_pad, num_warps=_num_warps(kh_pad))
