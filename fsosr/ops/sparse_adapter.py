@@ -331,7 +331,7 @@ def sparse_linear(x: torch.Tensor, w_own: torch.Tensor, w_rest: torch.Tensor | N
     if chosen != "cpu" and w_own.dtype not in _GEMM_DTYPES:
         raise TypeError(f"{op}: the {chosen} backend runs fp32, fp16 and bf16, got {w_own.dtype} (fp64: cpu or "
                         "reference)")
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous()   # not -1: in_features may be 0
     y = _linear_op(chosen)(x2, w_own.contiguous(), None if w_rest is None else w_rest.contiguous(),
                            owner.contiguous(), expert, None if bias is None else bias.contiguous())
     return y.reshape(*x.shape[:-1], w_own.shape[0])

@@ -110,6 +110,19 @@ def test_edge_cases(backend, case):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("out,inn", [(0, 8), (8, 0)], ids=["no_outputs", "no_inputs"])
+def test_zero_width_weights(backend, out, inn):
+    # (Found broken: a [rows, 0] view of x through reshape(-1, 0) raised for in_features = 0.) With no inputs,
+    # y is the bias; with no outputs, y is empty and x gets a zero gradient.
+    inputs = make_inputs(5, out, inn, 3, seed=4)
+    testing.compare_with_reference(linear_fn(1), inputs, backend=backend, grad_outputs=[0])
+    y = sparse_linear(*inputs[:4], 1, inputs[4], backend=backend)
+    assert y.shape == (5, out)
+    if inn == 0:
+        assert torch.equal(y, inputs[4].detach().expand(5, out))
+
+
+@pytest.mark.parametrize("backend", NATIVE)
 def test_leading_dims_expert_tensor_and_frozen_inputs(backend):
     x, w_own, w_rest, owner, bias = make_inputs(12, 9, 5, 3, seed=4)
     x3 = x.detach().reshape(3, 4, 5)          # [..., in]; x does not require grad here
