@@ -118,7 +118,7 @@ def moe_mlp(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, w1: tor
     acc = accumulation_dtype(x.dtype)
     n_units, k = indices.shape
     d_out = w2.shape[2]
-    units = x.to(acc).reshape(n_units, group_size, -1)
+    units = x.to(acc).reshape(n_units, group_size, x.shape[1])   # not -1: N or d may be 0
     act = ACTIVATIONS[activation]
     keep = (dropout_keep_mask(seed, dropout, n_units, k, group_size, w1.shape[2], x.device)
             if dropout > 0 else None)

@@ -213,6 +213,25 @@ def test_native_zero_widths(backend, d, h, d_out, group_size):
                                    atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + NATIVE)
+@pytest.mark.parametrize("group_size", [1, 40, "per_expert"])
+def test_no_units(backend, group_size):
+    # An empty batch: y is empty; native backends give zero gradients (the reference's y is a constant then).
+    per_expert = group_size == "per_expert"
+    x = torch.randn(*((4, 0, 8) if per_expert else (0, 8)), device=DEVICE, requires_grad=True)
+    weights = [torch.randn(*s, device=DEVICE, requires_grad=True) for s in [(4, 8, 16), (4, 16), (4, 16, 6), (4, 6)]]
+    routing = topk_route(torch.randn(0, 4), 2, backend="reference")
+    routing = type(routing)(*(t.to(DEVICE) for t in routing))
+    if per_expert:
+        y = moe_mlp_per_expert_input(x, routing, *weights, dropout=0.1, seed=1, backend=backend)
+    else:
+        y = moe_mlp(x, routing, *weights, group_size=group_size, dropout=0.1, seed=1, backend=backend)
+    assert y.shape == (0, 6) and y.dtype == torch.float32
+    if backend != "reference":
+        grads = torch.autograd.grad(y.sum(), [x, *weights])
+        assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, [x, *weights]))
+
+
 @pytest.mark.skipif("triton" not in NATIVE, reason="triton backend not usable here")
 def test_triton_weight_pass_chunks_rows_only_where_experts_are_few():
     from fsosr._triton import moe_mlp as km  # noqa: PLC0415
