@@ -66,7 +66,7 @@ import os
 import torch
 
 from fsosr import _extension, backends
-from fsosr.ops import reference
+from fsosr.ops import _eager, reference
 
 __all__ = ["SHARED", "SEMANTICS", "masked_adamw_"]
 
@@ -89,10 +89,14 @@ def _masked_adamw_triton(params: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq
                          grads: torch.Tensor, owner: torch.Tensor, segment_offsets: torch.Tensor,
                          selected: torch.Tensor, weight_decay: torch.Tensor, lr: float, beta1: float, beta2: float,
                          eps: float, semantics: int, advance_steps: bool) -> None:
+    _masked_adamw_triton_impl(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offsets, selected,
+                              weight_decay, lr, beta1, beta2, eps, semantics, advance_steps)
+
+
+def _masked_adamw_triton_impl(*args) -> None:
     from fsosr._triton import masked_adamw as kernels  # noqa: PLC0415 - Triton is imported on first use only
 
-    kernels.masked_adamw(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offsets, selected, weight_decay,
-                         lr, beta1, beta2, eps, semantics, advance_steps)
+    kernels.masked_adamw(*args)
 
 
 _masked_adamw_triton.register_fake(_fake)
@@ -235,6 +239,8 @@ def masked_adamw_(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tens
         _check_values(params, steps, owner, segment_offsets, selected)
     if chosen == "cuda":
         torch.ops.fsosr.masked_adamw_(*tensors, *scalars)
+    elif chosen == "triton" and _eager.use_eager_path():
+        _masked_adamw_triton_impl(*tensors, *scalars)     # the launchers without the dispatcher (ops/_eager.py)
     elif chosen == "triton":
         torch.ops.fsosr.masked_adamw_triton_(*tensors, *scalars)
     else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fsosr import _extension, backends
-from fsosr.ops import _moe_dense, reference
+from fsosr.ops import _eager, _moe_dense, reference
 from fsosr.ops._rng import _seed_key
 from fsosr.ops.topk_route import Routing
 
@@ -49,7 +49,8 @@ def _fake_backward(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, hi
             torch.empty_like(w2), torch.empty_like(b2))
 
 
-def _register_autograd(forward_name: str, backward_op) -> None:
+def _autograd_formulas(backward_op):
+    """(setup_context, backward) of the forward op, its gradients computed by ``backward_op``."""
     def setup_context(ctx, inputs, output):
         x, indices, gates, order, offsets, w1, b1, w2, b2, *options = inputs
         ctx.save_for_backward(x, indices, gates, order, offsets, w1, b1, w2, b2, output[1])
@@ -63,6 +64,11 @@ def _register_autograd(forward_name: str, backward_op) -> None:
         return (grad_x, None, grad_gates, None, None, grad_w1, grad_b1, grad_w2, grad_b2,
                 None, None, None, None, None, None)
 
+    return setup_context, backward
+
+
+def _register_autograd(forward_name: str, backward_op) -> None:
+    setup_context, backward = _autograd_formulas(backward_op)
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
 
 
@@ -72,15 +78,26 @@ if _extension.LOADED:
     _register_autograd("fsosr::moe_mlp_fwd", torch.ops.fsosr.moe_mlp_bwd)
 
 
+def _triton_kernels():
+    from fsosr._triton import moe_mlp as kernels  # noqa: PLC0415 - Triton is imported on first use only
+    return kernels
+
+
+def _triton_forward_impl(*args):
+    return _triton_kernels().moe_mlp_forward(*args)
+
+
+def _triton_backward_impl(*args):
+    return _triton_kernels().moe_mlp_backward(*args)
+
+
 @torch.library.custom_op("fsosr::moe_mlp_fwd_triton", mutates_args=())
 def _triton_forward(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, order: torch.Tensor,
                     offsets: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                     group_size: int, activation: int, scale: float, dropout: float, seed_key: int,
                     per_expert_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from fsosr._triton import moe_mlp as kernels  # noqa: PLC0415 - Triton is imported on first use only
-
-    return kernels.moe_mlp_forward(x, indices, gates, order, offsets, w1, b1, w2, b2, group_size, activation,
-                                   scale, dropout, seed_key, per_expert_input)
+    return _triton_forward_impl(x, indices, gates, order, offsets, w1, b1, w2, b2, group_size, activation, scale,
+                                dropout, seed_key, per_expert_input)
 
 
 @torch.library.custom_op("fsosr::moe_mlp_bwd_triton", mutates_args=())
@@ -89,15 +106,15 @@ def _triton_backward(grad_y: torch.Tensor, x: torch.Tensor, indices: torch.Tenso
                      w2: torch.Tensor, b2: torch.Tensor, hidden_pre: torch.Tensor, group_size: int, activation: int,
                      scale: float, dropout: float, seed_key: int, per_expert_input: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fsosr._triton import moe_mlp as kernels  # noqa: PLC0415
-
-    return kernels.moe_mlp_backward(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, hidden_pre,
-                                    group_size, activation, scale, dropout, seed_key, per_expert_input)
+    return _triton_backward_impl(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, hidden_pre, group_size,
+                                 activation, scale, dropout, seed_key, per_expert_input)
 
 
 _triton_forward.register_fake(_fake_forward)
 _triton_backward.register_fake(_fake_backward)
 _register_autograd("fsosr::moe_mlp_fwd_triton", torch.ops.fsosr.moe_mlp_bwd_triton)
+# Eager calls: the same launchers and formulas without the dispatcher (fsosr/ops/_eager.py).
+_triton_eager = _eager.eager_autograd(_triton_forward_impl, *_autograd_formulas(_triton_backward_impl))
 _NATIVE_OPS = {"cpu": lambda: torch.ops.fsosr.moe_mlp_fwd, "triton": lambda: torch.ops.fsosr.moe_mlp_fwd_triton,
                # The same native op as cpu: CUDA tensors reach csrc/cuda/moe_mlp_glue.cpp through the CUDA key.
                "cuda": lambda: torch.ops.fsosr.moe_mlp_fwd}
@@ -105,7 +122,8 @@ _NATIVE_OPS = {"cpu": lambda: torch.ops.fsosr.moe_mlp_fwd, "triton": lambda: tor
 
 def _run_native(x, routing, w1, b1, w2, b2, group_size, activation, scale, dropout, seed, per_expert_input,
                 backend_name):
-    y, _hidden_pre = _NATIVE_OPS[backend_name]()(
+    op = _triton_eager if backend_name == "triton" and _eager.use_eager_path() else _NATIVE_OPS[backend_name]()
+    y, _hidden_pre = op(
         x.contiguous(), routing.indices, routing.gates, routing.order, routing.offsets, w1.contiguous(),
         b1.contiguous(), w2.contiguous(), b2.contiguous(), group_size, ACTIVATION_CODES[activation], float(scale),
         float(dropout), _seed_key(seed), per_expert_input)

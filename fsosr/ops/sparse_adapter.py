@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from fsosr import _extension, backends
+from fsosr.ops import _eager
 
 __all__ = ["MAX_EXPERTS", "masked_gradients_", "merge_experts", "sparse_adapter_weight", "sparse_linear"]
 
@@ -156,7 +157,8 @@ def _fake_linear_bwd(grad_y, x, w_own, w_rest, owner, expert, x_grad, weight_gra
             w_own.new_empty(w_own.shape[0]) if bias_grad else empty())
 
 
-def _register_weight_autograd(name: str, backward_op) -> None:
+def _weight_formulas(backward_op):
+    """(setup_context, backward) of sparse_adapter_weight, its gradients computed by ``backward_op``."""
     def setup_context(ctx, inputs, output):
         _w_own, owner, w_rest, expert = inputs
         ctx.save_for_backward(owner, expert)
@@ -168,10 +170,11 @@ def _register_weight_autograd(name: str, backward_op) -> None:
         own, rest = backward_op(grad.contiguous(), owner, expert, rest_grad)
         return (own if ctx.needs_input_grad[0] else None), None, (rest if rest_grad else None), None
 
-    torch.library.register_autograd(name, backward, setup_context=setup_context)
+    return setup_context, backward
 
 
-def _register_linear_autograd(name: str, backward_op) -> None:
+def _linear_formulas(backward_op):
+    """(setup_context, backward) of sparse_linear, its gradients computed by ``backward_op``."""
     def setup_context(ctx, inputs, output):
         x, w_own, w_rest, owner, expert, bias = inputs
         ctx.save_for_backward(x, w_own, w_rest, owner, expert)
@@ -186,6 +189,16 @@ def _register_linear_autograd(name: str, backward_op) -> None:
         return (grad_x if needs[0] else None, grad_own if needs[1] else None, grad_rest if rest_grad else None,
                 None, None, grad_bias if bias_grad else None)
 
+    return setup_context, backward
+
+
+def _register_weight_autograd(name: str, backward_op) -> None:
+    setup_context, backward = _weight_formulas(backward_op)
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+
+def _register_linear_autograd(name: str, backward_op) -> None:
+    setup_context, backward = _linear_formulas(backward_op)
     torch.library.register_autograd(name, backward, setup_context=setup_context)
 
 
@@ -244,21 +257,30 @@ _triton_linear_bwd.register_fake(_fake_linear_bwd)
 _triton_merge.register_fake(_fake_merge)
 _register_weight_autograd("fsosr::sparse_adapter_weight_triton", torch.ops.fsosr.sparse_adapter_weight_bwd_triton)
 _register_linear_autograd("fsosr::sparse_linear_fwd_triton", torch.ops.fsosr.sparse_linear_bwd_triton)
+# Eager calls: the same launchers and formulas without the dispatcher (fsosr/ops/_eager.py).
+_triton_weight_eager = _eager.eager_autograd(
+    lambda *args: _kernels().sparse_adapter_weight(*args),
+    *_weight_formulas(lambda *args: _kernels().sparse_adapter_weight_backward(*args)))
+_triton_linear_eager = _eager.eager_autograd(
+    lambda *args: _kernels().sparse_linear_forward(*args),
+    *_linear_formulas(lambda *args: _kernels().sparse_linear_backward(*args)))
 
 
 def _weight_op(backend_name: str):
     if backend_name == "triton":
-        return torch.ops.fsosr.sparse_adapter_weight_triton
+        return _triton_weight_eager if _eager.use_eager_path() else torch.ops.fsosr.sparse_adapter_weight_triton
     return torch.ops.fsosr.sparse_adapter_weight
 
 
 def _linear_op(backend_name: str):
     if backend_name == "triton":
-        return torch.ops.fsosr.sparse_linear_fwd_triton
+        return _triton_linear_eager if _eager.use_eager_path() else torch.ops.fsosr.sparse_linear_fwd_triton
     return torch.ops.fsosr.sparse_linear_fwd
 
 
 def _merge_op(backend_name: str):
+    if backend_name == "triton" and _eager.use_eager_path():
+        return _kernels().merge_experts          # no autograd: the launcher itself
     if backend_name == "triton":
         return torch.ops.fsosr.merge_experts_triton
     return torch.ops.fsosr.merge_experts

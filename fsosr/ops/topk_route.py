@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from fsosr import _extension, backends
-from fsosr.ops import reference
+from fsosr.ops import _eager, reference
 from fsosr.ops._rng import normal_from_seed
 
 __all__ = ["Routing", "topk_route"]
@@ -70,7 +70,8 @@ def _fake_backward(grad_gates, grad_importance, grad_load, logits, noise, noise_
     return torch.empty_like(logits), (torch.empty_like(logits) if noise_std is not None else logits.new_empty(0))
 
 
-def _register_autograd(forward_name: str, backward_op) -> None:
+def _autograd_formulas(backward_op):
+    """(setup_context, backward) of the forward op, its gradients computed by ``backward_op``."""
     def setup_context(ctx, inputs, output):
         logits, _k, renormalize, noise, noise_std = inputs
         ctx.save_for_backward(logits, noise, noise_std, output[3], output[0], output[7])
@@ -90,6 +91,11 @@ def _register_autograd(forward_name: str, backward_op) -> None:
                                                   indices, gates, next_index, ctx.renormalize)
         return grad_logits, None, None, None, (grad_noise_std if noise_std is not None else None)
 
+    return setup_context, backward
+
+
+def _register_autograd(forward_name: str, backward_op) -> None:
+    setup_context, backward = _autograd_formulas(backward_op)
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
 
 
@@ -99,14 +105,28 @@ if _extension.LOADED:
     _register_autograd("fsosr::topk_route_fwd", torch.ops.fsosr.topk_route_bwd)
 
 
+def _triton_kernels():
+    from fsosr._triton import topk_route as kernels  # noqa: PLC0415 - Triton is imported on first use only
+    return kernels
+
+
+def _triton_forward_impl(logits, k, renormalize, noise, noise_std):
+    return _reference_to_native(_triton_kernels().topk_route_forward(logits, k, renormalize, noise, noise_std))
+
+
+def _triton_backward_impl(grad_gates, grad_importance, grad_load, logits, noise, noise_std, indices, gates,
+                          next_index, renormalize):
+    return _triton_kernels().topk_route_backward(grad_gates.contiguous(), grad_importance.contiguous(),
+                                                 grad_load.contiguous(), logits, noise, noise_std, indices, gates,
+                                                 next_index, indices.shape[1], renormalize)
+
+
 @torch.library.custom_op("fsosr::topk_route_fwd_triton", mutates_args=())
 def _triton_forward(logits: torch.Tensor, k: int, renormalize: bool, noise: torch.Tensor | None,
                     noise_std: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                torch.Tensor, torch.Tensor]:
-    from fsosr._triton import topk_route as kernels  # noqa: PLC0415 - Triton is imported on first use only
-
-    return _reference_to_native(kernels.topk_route_forward(logits, k, renormalize, noise, noise_std))
+    return _triton_forward_impl(logits, k, renormalize, noise, noise_std)
 
 
 @torch.library.custom_op("fsosr::topk_route_bwd_triton", mutates_args=())
@@ -114,16 +134,15 @@ def _triton_backward(grad_gates: torch.Tensor, grad_importance: torch.Tensor, gr
                      logits: torch.Tensor, noise: torch.Tensor | None, noise_std: torch.Tensor | None,
                      indices: torch.Tensor, gates: torch.Tensor, next_index: torch.Tensor, renormalize: bool
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    from fsosr._triton import topk_route as kernels  # noqa: PLC0415
-
-    k = indices.shape[1]
-    return kernels.topk_route_backward(grad_gates.contiguous(), grad_importance.contiguous(), grad_load.contiguous(),
-                                       logits, noise, noise_std, indices, gates, next_index, k, renormalize)
+    return _triton_backward_impl(grad_gates, grad_importance, grad_load, logits, noise, noise_std, indices, gates,
+                                 next_index, renormalize)
 
 
 _triton_forward.register_fake(_fake_forward)
 _triton_backward.register_fake(_fake_backward)
 _register_autograd("fsosr::topk_route_fwd_triton", torch.ops.fsosr.topk_route_bwd_triton)
+# Eager calls: the same launchers and formulas without the dispatcher (fsosr/ops/_eager.py).
+_triton_eager = _eager.eager_autograd(_triton_forward_impl, *_autograd_formulas(_triton_backward_impl))
 
 
 def _run_reference(logits, k, renormalize, noise, noise_std):
@@ -134,7 +153,8 @@ _IMPLEMENTATIONS = {
     "reference": _run_reference,
     "cpu": lambda *args: torch.ops.fsosr.topk_route_fwd(*args),
     "cuda": lambda *args: torch.ops.fsosr.topk_route_fwd(*args),
-    "triton": lambda *args: torch.ops.fsosr.topk_route_fwd_triton(*args),
+    "triton": lambda *args: (_triton_eager if _eager.use_eager_path() else torch.ops.fsosr.topk_route_fwd_triton)(
+        *args),
 }
 
 
