@@ -329,6 +329,14 @@ def _weight_block(dtype, h_pad: int) -> int:
     return BLOCK_D // 2 if dtype == torch.float32 and h_pad > 64 else BLOCK_D
 
 
+def _rows_options(dtype, d, h, d_out, activation, dropout, per_expert_input, per_slot) -> dict:
+    """Constexprs and launch options of the expert-tiled forward and rows-pass kernels."""
+    h_pad = _pow2_at_least_16(h)
+    return dict(ACT=int(activation), HAS_DROPOUT=dropout > 0, PER_EXPERT=bool(per_expert_input),
+                PER_SLOT_OUT=per_slot, UPCAST=_upcast(dtype), BLOCK_M=BLOCK_M, BLOCK_K=_pow2_at_least_16(d, BLOCK_K),
+                BLOCK_N=_pow2_at_least_16(d_out, BLOCK_N), H_PAD=h_pad, num_warps=_num_warps(h_pad))
+
+
 def _sum_slots(slots, out, k, G, width):
     num_elements = out.numel()
     if num_elements:
@@ -365,14 +373,11 @@ def moe_mlp_forward(x, indices, gates, order, offsets, w1, b1, w2, b2, group_siz
         return y, hidden_pre
     per_slot = k > 1
     out = torch.empty((num_rows, d_out), dtype=torch.float32, device=x.device) if per_slot else y
-    h_pad = _pow2_at_least_16(h)
     _forward_kernel[(triton.cdiv(num_rows, BLOCK_M),)](
         x, indices, gates, order, w1, b1, w2, b2, hidden_pre, out,
         num_rows, num_units, k, G, d, h, d_out, num_experts, float(scale), float(dropout),
         int(seed_key) if dropout > 0 else 0,
-        ACT=int(activation), HAS_DROPOUT=dropout > 0, PER_EXPERT=bool(per_expert_input), PER_SLOT_OUT=per_slot,
-        UPCAST=_upcast(x.dtype), BLOCK_M=BLOCK_M, BLOCK_K=_pow2_at_least_16(d, BLOCK_K),
-        BLOCK_N=_pow2_at_least_16(d_out, BLOCK_N), H_PAD=h_pad, num_warps=_num_warps(h_pad))
+        **_rows_options(x.dtype, d, h, d_out, activation, dropout, per_expert_input, per_slot))
     if per_slot:
         _sum_slots(out, y, k, G, d_out)
     return y, hidden_pre
@@ -390,14 +395,11 @@ def _backward_rows_by_expert(grad_y, x, indices, gates, order, w1, w2, b2, hidde
     else:
         grad_x = torch.empty_like(x)
         dx_out = torch.empty((num_rows, d), dtype=torch.float32, device=x.device) if per_slot else grad_x
-    h_pad = _pow2_at_least_16(h)
     _backward_rows_kernel[(triton.cdiv(num_rows, BLOCK_M),)](
         grad_y, indices, gates, order, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part, dx_out,
         num_rows, num_units, k, G, d, h, d_out, num_experts, float(scale), float(dropout),
         int(seed_key) if dropout > 0 else 0,
-        ACT=int(activation), HAS_DROPOUT=dropout > 0, PER_EXPERT=bool(per_expert_input), PER_SLOT_OUT=per_slot,
-        UPCAST=_upcast(x.dtype), BLOCK_M=BLOCK_M, BLOCK_K=_pow2_at_least_16(d, BLOCK_K),
-        BLOCK_N=_pow2_at_least_16(d_out, BLOCK_N), H_PAD=h_pad, num_warps=_num_warps(h_pad))
+        **_rows_options(x.dtype, d, h, d_out, activation, dropout, per_expert_input, per_slot))
     if per_slot:
         _sum_slots(dx_out, grad_x, k, G, d)
     return grad_x

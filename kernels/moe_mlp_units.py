@@ -164,20 +164,23 @@ def _unit_backward_rows_kernel(dy_ptr, indices_ptr, gates_ptr, w1_ptr, w2_ptr, b
                  mask=t_ok[:, None] & k_ok[None, :])
 
 
+def _options(dtype, k, G, d, h, d_out, activation, dropout) -> dict:
+    """Constexprs and launch options of both unit-tiled kernels."""
+    kh_pad = _pow2_at_least_16(k * h)
+    return dict(K=k, ACT=int(activation), HAS_DROPOUT=dropout > 0, UPCAST=_upcast(dtype), BLOCK_M=_block_m(G),
+                BLOCK_K=_pow2_at_least_16(d, BLOCK_K), BLOCK_N=_pow2_at_least_16(d_out, BLOCK_N), KH_PAD=kh_pad,
+                num_warps=_num_warps(kh_pad))
+
+
 def forward(x, indices, gates, w1, b1, w2, b2, y, hidden_pre, G: int, activation: int, scale: float,
             dropout: float, seed_key: int):
     """Writes y [N*G, d_out] and hidden_pre [N, k, G, h]."""
     num_units, k = indices.shape
     _, d, h = w1.shape
     d_out = w2.shape[2]
-    kh_pad = _pow2_at_least_16(k * h)
-    block_m = _block_m(G)
-    _unit_forward_kernel[(num_units, triton.cdiv(G, block_m))](
+    _unit_forward_kernel[(num_units, triton.cdiv(G, _block_m(G)))](
         x, indices, gates, w1, b1, w2, b2, hidden_pre, y, G, d, h, d_out, float(scale), float(dropout),
-        int(seed_key) if dropout > 0 else 0, K=k,
-        ACT=int(activation), HAS_DROPOUT=dropout > 0, UPCAST=_upcast(x.dtype), BLOCK_M=block_m,
-        BLOCK_K=_pow2_at_least_16(d, BLOCK_K), BLOCK_N=_pow2_at_least_16(d_out, BLOCK_N), KH_PAD=kh_pad,
-        num_warps=_num_warps(kh_pad))
+        int(seed_key) if dropout > 0 else 0, **_options(x.dtype, k, G, d, h, d_out, activation, dropout))
 
 
 def backward_rows(grad_y, indices, gates, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part, grad_x, G: int,
@@ -186,11 +189,7 @@ def backward_rows(grad_y, indices, gates, w1, w2, b2, hidden_pre, dpre, scaled_h
     num_units, k = indices.shape
     _, d, h = w1.shape
     d_out = w2.shape[2]
-    kh_pad = _pow2_at_least_16(k * h)
-    block_m = _block_m(G)
-    _unit_backward_rows_kernel[(num_units, triton.cdiv(G, block_m))](
+    _unit_backward_rows_kernel[(num_units, triton.cdiv(G, _block_m(G)))](
         grad_y, indices, gates, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part, grad_x,
-        G, d, h, d_out, float(scale), float(dropout), int(seed_key) if dropout > 0 else 0, K=k,
-        K_PAD=triton.next_power_of_2(k), ACT=int(activation), HAS_DROPOUT=dropout > 0,
-        UPCAST=_upcast(grad_y.dtype), BLOCK_M=block_m, BLOCK_K=_pow2_at_least_16(d, BLOCK_K),
-        BLOCK_N=_pow2_at_least_16(d_out, BLOCK_N), KH_PAD=kh_pad, num_warps=_num_warps(kh_pad))
+        G, d, h, d_out, float(scale), float(dropout), int(seed_key) if dropout > 0 else 0,
+        K_PAD=triton.next_power_of_2(k), **_options(grad_y.dtype, k, G, d, h, d_out, activation, dropout))

@@ -453,7 +453,9 @@ def test_gpu_triton_matches_reference_and_is_deterministic(dtype, g, n):
 
 
 @pytest.mark.gpu
-def test_gpu_triton_moe_layer_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("tiles", ["experts", "units"])   # FSOSR_MOE_MLP_TRITON_TILES: kernels/moe_mlp_units.py
+def test_gpu_triton_moe_layer_captures_in_a_cuda_graph(monkeypatch, tiles):
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", tiles)
     device = torch.device("cuda")
     x = torch.randn(8 * 197, 768, device=device)
     logits = torch.randn(8, 22, device=device)
