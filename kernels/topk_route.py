@@ -69,6 +69,13 @@ def _normal_cdf(z):
 
 
 @triton.jit
+def _load_margin(clean, threshold, std):
+    """(clean - threshold) / std, and -inf for a disabled expert (clean = -inf) even against a -inf threshold,
+    which would give NaN. (x - x == 0 is the finiteness test: it is NaN for +-inf.)"""
+    return tl.where(clean - clean == 0.0, (clean - threshold) / std, clean)
+
+
+@triton.jit
 def _route_rows_kernel(logits_ptr, noise_ptr, std_ptr,
                        indices_ptr, gates_ptr, next_index_ptr,
                        part_counts_ptr, part_importance_ptr, part_load_ptr,
@@ -137,7 +144,7 @@ def _route_rows_kernel(logits_ptr, noise_ptr, std_ptr,
         threshold_in = tl.sum(tl.where(cols[None, :] == next_index[:, None], noisy, 0.0), axis=1)
         threshold_out = tl.sum(tl.where(rank == k - 1, noisy, 0.0), axis=1)
         threshold = tl.where(rank >= 0, threshold_in[:, None], threshold_out[:, None])
-        prob_in = tl.where(valid, _normal_cdf((clean - threshold) / std), 0.0)
+        prob_in = tl.where(valid, _normal_cdf(_load_margin(clean, threshold, std)), 0.0)
         tl.store(part_load_ptr + part_offsets, tl.sum(prob_in, axis=0), mask=col_ok)
 
 
@@ -260,12 +267,13 @@ def _route_backward_kernel(grad_gates_ptr, grad_importance_ptr, grad_load_ptr,
             threshold_in = tl.sum(tl.where(is_next, noisy, 0.0), axis=1)
             threshold_out = tl.sum(tl.where(is_kth, noisy, 0.0), axis=1)
             threshold = tl.where(selected, threshold_in[:, None], threshold_out[:, None])
-            z = (clean - threshold) / std
+            z = _load_margin(clean, threshold, std)
+            live = valid & (z - z == 0.0)          # finite margin: elsewhere Phi is flat, no gradient
             grad_load = tl.load(grad_load_ptr + cols, mask=col_ok, other=0.0)
-            a = grad_load[None, :] * (tl.exp(-0.5 * z * z) * 0.3989422804014327)
-            a_over_std = tl.where(valid, a / std, 0.0)
+            a = tl.where(live, grad_load[None, :] * (tl.exp(-0.5 * z * z) * 0.3989422804014327), 0.0)
+            a_over_std = tl.where(live, a / std, 0.0)
             d_clean = a_over_std
-            d_std = tl.where(valid, -a * z / std, 0.0)
+            d_std = tl.where(live, -a * z / std, 0.0)
             # Each threshold is itself a noisy logit: picked experts pull on the (k+1)-th, the rest on the k-th.
             pull_in = tl.sum(tl.where(selected, a_over_std, 0.0), axis=1)
             pull_out = tl.sum(tl.where(selected, 0.0, a_over_std), axis=1)

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace fsosr {
@@ -31,6 +32,13 @@ template <typename acc_t>
 void normal_cdf_inplace(acc_t* values, int64_t count) {
   at::Tensor t = at::from_blob(values, {count}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
   at::special_ndtr_out(t, t);
+}
+
+// Standardised margin (clean - thr) / std of a smooth-load term: -inf for a disabled expert (clean = -inf), even
+// against a -inf threshold (which would give NaN); +inf for a finite logit against a -inf threshold.
+template <typename acc_t>
+acc_t load_margin(acc_t clean, acc_t thr, acc_t std_dev) {
+  return clean == -std::numeric_limits<acc_t>::infinity() ? clean : (clean - thr) / std_dev;
 }
 
 // Ranking keys: an unsigned integer that orders like the value (NaN above +inf, -0.0 == +0.0) with the
@@ -220,7 +228,7 @@ void route_forward(const at::Tensor& logits, int64_t k, bool renormalize, const 
           for (int64_t e = 0; e < num_experts; ++e) {
             const acc_t clean = static_cast<acc_t>(row[e]);
             const acc_t std_dev = static_cast<acc_t>(noise_std[n * num_experts + e]);
-            row_z[e] = (clean - (selected[e] ? thr_in : thr_out)) / std_dev;
+            row_z[e] = load_margin(clean, selected[e] ? thr_in : thr_out, std_dev);
           }
         }
       }
@@ -355,8 +363,12 @@ void route_backward(const acc_t* grad_gates, const acc_t* grad_importance, const
           for (int64_t e = 0; e < num_experts; ++e) {
             const int64_t i = base + r * num_experts + e, local = r * num_experts + e;
             const acc_t inv_std = acc_t(1) / static_cast<acc_t>(noise_std[i]);
-            const acc_t z = (static_cast<acc_t>(logits[i]) - (selected[e] ? thr_in : thr_out)) * inv_std;
-            inverse_std[local] = inv_std;
+            const acc_t clean = static_cast<acc_t>(logits[i]);
+            const acc_t z = clean == -std::numeric_limits<acc_t>::infinity()
+                                ? clean : (clean - (selected[e] ? thr_in : thr_out)) * inv_std;
+            // Non-finite margin: Phi is flat there (phi(z) * z -> 0), no gradient; the clamp below would not
+            // make phi exactly 0, and 0 * inf is NaN. Marked by inv_std = 0.
+            inverse_std[local] = std::isfinite(z) ? inv_std : acc_t(0);
             dstd[local] = z;
             // Clamped so exp never underflows into denormals (a slow path of vectorised exp); phi(z) below
             // e^-80 contributes nothing at fp32 or fp64 precision to a sum of terms of order one.
@@ -376,7 +388,8 @@ void route_backward(const acc_t* grad_gates, const acc_t* grad_importance, const
             const acc_t a = grad_load[e] * pdf[local] * acc_t(0.3989422804014327) * inverse_std[local];
             (selected[e] ? pull_in : pull_out) -= a;
             pdf[local] = a;                    // now: d load / d clean
-            dstd[local] = -a * dstd[local];    // z -> d load / d std
+            // z -> d load / d std; a non-finite z (marked by inverse_std 0) has none, and 0 * inf would be NaN.
+            dstd[local] = inverse_std[local] != acc_t(0) ? -a * dstd[local] : acc_t(0);
           }
           dnoisy[r * num_experts + in_pos] += pull_in;
           dnoisy[r * num_experts + out_pos] += pull_out;

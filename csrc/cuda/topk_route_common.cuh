@@ -97,8 +97,14 @@ __device__ __forceinline__ float normal_pdf(float z) { return expf(-0.5f * z * z
 struct LoadGrad {
   float dclean, dstd;
 };
+// Standardised margin of a smooth-load term: -inf for a disabled expert (clean = -inf), even against a -inf
+// threshold (which would give NaN); +inf for a finite logit against a -inf threshold.
+__device__ __forceinline__ float load_margin(float clean, float thr, float stdev) {
+  return clean == -INFINITY ? -INFINITY : (clean - thr) / stdev;
+}
 __device__ __forceinline__ LoadGrad load_grad(const Element& x, float thr, float grad_load) {
-  const float z = (x.clean - thr) / x.std;
+  const float z = load_margin(x.clean, thr, x.std);
+  if (!isfinite(z)) return {0.f, 0.f};  // Phi is flat there (phi(z) * z -> 0); 0 * inf would give NaN
   const float w = grad_load * normal_pdf(z);
   return {w / x.std, -w * z / x.std};
 }

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kRowThreads) route_rows_registers(ForwardArgs 
         }
         if (a.smooth && key[i] != kNoKey) {
           const float thr = rank[i] >= 0 ? thr_in : thr_out;
-          acc_load[i] += normal_cdf((clean[i] - thr) / stdev[i]);
+          acc_load[i] += normal_cdf(load_margin(clean[i], thr, stdev[i]));
         }
       }
       if (member == 0) a.next_index[row] = next;
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) route_rows_loop(ForwardAr
       const uint64_t key = rank_key(x.noisy, e);
       const bool picked = key >= kth_key;
       if (picked) my_count[e] += 1, my_importance[e] += expf(key_value(key) - top) / denom;
-      if (a.smooth) my_load[e] += normal_cdf((x.clean - (picked ? thr_in : thr_out)) / x.std);
+      if (a.smooth) my_load[e] += normal_cdf(load_margin(x.clean, picked ? thr_in : thr_out, x.std));
     }
     if (lane == 0) a.next_index[row] = next;
   }

@@ -73,7 +73,13 @@ def topk_route(logits: torch.Tensor, k: int, renormalize: bool = True,
         threshold_if_out = ranked_values[:, k - 1:k]      # k-th noisy logit
         selected = torch.zeros_like(noisy, dtype=torch.bool).scatter_(1, top_experts, True)
         threshold = torch.where(selected, threshold_if_in, threshold_if_out)
-        prob_in_top_k = torch.special.ndtr((clean - threshold) / noise_std.to(acc))
+        # A disabled expert (clean -inf) has margin -inf (Phi 0), also against a -inf threshold (which would give
+        # NaN); a finite logit against a -inf threshold has margin +inf (Phi 1). Non-finite margins get no
+        # gradient (phi(z) * z -> 0): the margin is computed from masked inputs there, so autograd sees no inf.
+        live = torch.isfinite(clean) & torch.isfinite(threshold)
+        margin = (torch.where(live, clean, 0.0) - torch.where(live, threshold, 0.0)) / noise_std.to(acc)
+        margin = torch.where(live, margin, torch.where(clean == float("-inf"), float("-inf"), float("inf")))
+        prob_in_top_k = torch.special.ndtr(margin)
         load = prob_in_top_k.sum(0)
     else:
         load = counts.to(acc)

@@ -135,6 +135,25 @@ def test_minus_inf_and_nan_policy(backend):
         topk_route(logits, 2, noise_std=0.0, seed=0, backend=backend, **check)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + NATIVE)
+@pytest.mark.parametrize("disabled", [1, 3], ids=["one_disabled", "threshold_disabled"])
+def test_noisy_load_with_disabled_experts(backend, disabled):
+    # Disabled experts (-inf logits) under noisy gating: their smooth-load terms are 0 and give no gradient; with
+    # 3 of 5 disabled and k = 2, the (k+1)-th noisy logit (the threshold) is -inf too, so the live experts' load
+    # terms are 1 with no gradient. (Found broken: NaN or inf noise_std gradients, and a NaN load when both are -inf.)
+    logits, noise, noise_std = make_inputs(6, 5, noisy=True, seed=11, ties=False)
+    with torch.no_grad():
+        logits[:, :disabled] = float("-inf")
+    fn = route_fn(2, True)
+    outputs, grads = testing.compare_with_reference(fn, (logits, noise, noise_std), backend=backend,
+                                                    grad_outputs=[GATES, IMPORTANCE, LOAD], names=FIELDS)
+    load, grad_std = outputs[LOAD].cpu(), grads[1].cpu()     # grads: logits, noise_std
+    assert torch.isfinite(load).all() and torch.isfinite(grad_std).all() and torch.isfinite(grads[0]).all()
+    assert torch.all(load[:disabled] == 0) and torch.all(grad_std[:, :disabled] == 0)
+    if disabled == 3:
+        assert torch.all(load[3:] == 6)     # the live experts' noise_std still gets gradient through the gates
+
+
 @pytest.mark.parametrize("backend", [b for b in NATIVE if b != "cpu"])
 def test_unchecked_nan_ranks_first(backend):
     # Where the check is off (as on CUDA by default), NaN ranks first and poisons the gates of its row only.
