@@ -135,6 +135,9 @@ def test_minus_inf_and_nan_policy(backend):
         topk_route(logits, 2, noise_std=0.0, seed=0, backend=backend, **check)
 
 
+# Triton's interpreter evaluates both sides of tl.where with numpy, whose inf - inf and 0 * inf in the discarded
+# branch warn; compiled kernels select without evaluating exceptions.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("backend", ["reference"] + NATIVE)
 @pytest.mark.parametrize("disabled", [1, 3], ids=["one_disabled", "threshold_disabled"])
 def test_noisy_load_with_disabled_experts(backend, disabled):
