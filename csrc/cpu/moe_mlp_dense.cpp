@@ -137,7 +137,8 @@ void dense_backward(const Problem& p, const at::Tensor& x, const at::Tensor& gra
   // w2^T [E, d_out, h] or [d_out, E*h], and w1^T [E, h, d_in] (the wide [E*h, d_in] one is a copy either way).
   const bool copy = copy_transposed_weights(p, /*dense=*/true);
   auto row_major_if_copy = [copy](const at::Tensor& t) { return copy ? t.contiguous() : t; };
-  const at::Tensor w2t = row_major_if_copy(p.per_expert_input ? w2.transpose(1, 2) : w2.reshape({p.experts * p.hidden, p.d_out}).t());
+  const at::Tensor w2t = row_major_if_copy(p.per_expert_input ? w2.transpose(1, 2)
+                                                              : w2.reshape({p.experts * p.hidden, p.d_out}).t());
   const at::Tensor w1t = row_major_if_copy(w1.transpose(1, 2));
   at::Tensor dy_w2;
   if (p.per_expert_input) {

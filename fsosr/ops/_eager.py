@@ -38,6 +38,13 @@ def eager_autograd(forward: Callable, setup_context: Callable, backward: Callabl
     return EagerOp.apply
 
 
+def register_autograd(name: str, formulas: tuple[Callable, Callable]) -> None:
+    """Register ``formulas`` = (setup_context, backward) as the autograd of the torch.library op ``name``: the
+    same pair :func:`eager_autograd` takes, so both routes share one definition."""
+    setup_context, backward = formulas
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+
 def use_eager_path() -> bool:
     """Eager calls take the autograd.Function; torch.compile traces the registered op."""
     return not torch.compiler.is_compiling()

@@ -67,15 +67,10 @@ def _autograd_formulas(backward_op):
     return setup_context, backward
 
 
-def _register_autograd(forward_name: str, backward_op) -> None:
-    setup_context, backward = _autograd_formulas(backward_op)
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
-
-
 if _extension.LOADED:
     torch.library.register_fake("fsosr::moe_mlp_fwd")(_fake_forward)
     torch.library.register_fake("fsosr::moe_mlp_bwd")(_fake_backward)
-    _register_autograd("fsosr::moe_mlp_fwd", torch.ops.fsosr.moe_mlp_bwd)
+    _eager.register_autograd("fsosr::moe_mlp_fwd", _autograd_formulas(torch.ops.fsosr.moe_mlp_bwd))
 
 
 def _triton_kernels():
@@ -112,7 +107,7 @@ def _triton_backward(grad_y: torch.Tensor, x: torch.Tensor, indices: torch.Tenso
 
 _triton_forward.register_fake(_fake_forward)
 _triton_backward.register_fake(_fake_backward)
-_register_autograd("fsosr::moe_mlp_fwd_triton", torch.ops.fsosr.moe_mlp_bwd_triton)
+_eager.register_autograd("fsosr::moe_mlp_fwd_triton", _autograd_formulas(torch.ops.fsosr.moe_mlp_bwd_triton))
 # Eager calls: the same launchers and formulas without the dispatcher (fsosr/ops/_eager.py).
 _triton_eager = _eager.eager_autograd(_triton_forward_impl, *_autograd_formulas(_triton_backward_impl))
 _NATIVE_OPS = {"cpu": lambda: torch.ops.fsosr.moe_mlp_fwd, "triton": lambda: torch.ops.fsosr.moe_mlp_fwd_triton,

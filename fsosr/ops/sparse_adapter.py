@@ -192,24 +192,15 @@ def _linear_formulas(backward_op):
     return setup_context, backward
 
 
-def _register_weight_autograd(name: str, backward_op) -> None:
-    setup_context, backward = _weight_formulas(backward_op)
-    torch.library.register_autograd(name, backward, setup_context=setup_context)
-
-
-def _register_linear_autograd(name: str, backward_op) -> None:
-    setup_context, backward = _linear_formulas(backward_op)
-    torch.library.register_autograd(name, backward, setup_context=setup_context)
-
-
 if _extension.LOADED:
     torch.library.register_fake("fsosr::sparse_adapter_weight")(_fake_weight)
     torch.library.register_fake("fsosr::sparse_adapter_weight_bwd")(_fake_weight_bwd)
     torch.library.register_fake("fsosr::sparse_linear_fwd")(_fake_linear)
     torch.library.register_fake("fsosr::sparse_linear_bwd")(_fake_linear_bwd)
     torch.library.register_fake("fsosr::merge_experts")(_fake_merge)   # no autograd: see merge_experts
-    _register_weight_autograd("fsosr::sparse_adapter_weight", torch.ops.fsosr.sparse_adapter_weight_bwd)
-    _register_linear_autograd("fsosr::sparse_linear_fwd", torch.ops.fsosr.sparse_linear_bwd)
+    _eager.register_autograd("fsosr::sparse_adapter_weight",
+                            _weight_formulas(torch.ops.fsosr.sparse_adapter_weight_bwd))
+    _eager.register_autograd("fsosr::sparse_linear_fwd", _linear_formulas(torch.ops.fsosr.sparse_linear_bwd))
 
 
 def _kernels():
@@ -255,8 +246,9 @@ _triton_weight_bwd.register_fake(_fake_weight_bwd)
 _triton_linear.register_fake(_fake_linear)
 _triton_linear_bwd.register_fake(_fake_linear_bwd)
 _triton_merge.register_fake(_fake_merge)
-_register_weight_autograd("fsosr::sparse_adapter_weight_triton", torch.ops.fsosr.sparse_adapter_weight_bwd_triton)
-_register_linear_autograd("fsosr::sparse_linear_fwd_triton", torch.ops.fsosr.sparse_linear_bwd_triton)
+_eager.register_autograd("fsosr::sparse_adapter_weight_triton",
+                        _weight_formulas(torch.ops.fsosr.sparse_adapter_weight_bwd_triton))
+_eager.register_autograd("fsosr::sparse_linear_fwd_triton", _linear_formulas(torch.ops.fsosr.sparse_linear_bwd_triton))
 # Eager calls: the same launchers and formulas without the dispatcher (fsosr/ops/_eager.py).
 _triton_weight_eager = _eager.eager_autograd(
     lambda *args: _kernels().sparse_adapter_weight(*args),

@@ -94,15 +94,10 @@ def _autograd_formulas(backward_op):
     return setup_context, backward
 
 
-def _register_autograd(forward_name: str, backward_op) -> None:
-    setup_context, backward = _autograd_formulas(backward_op)
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
-
-
 if _extension.LOADED:
     torch.library.register_fake("fsosr::topk_route_fwd")(_fake_forward)
     torch.library.register_fake("fsosr::topk_route_bwd")(_fake_backward)
-    _register_autograd("fsosr::topk_route_fwd", torch.ops.fsosr.topk_route_bwd)
+    _eager.register_autograd("fsosr::topk_route_fwd", _autograd_formulas(torch.ops.fsosr.topk_route_bwd))
 
 
 def _triton_kernels():
@@ -140,7 +135,7 @@ def _triton_backward(grad_gates: torch.Tensor, grad_importance: torch.Tensor, gr
 
 _triton_forward.register_fake(_fake_forward)
 _triton_backward.register_fake(_fake_backward)
-_register_autograd("fsosr::topk_route_fwd_triton", torch.ops.fsosr.topk_route_bwd_triton)
+_eager.register_autograd("fsosr::topk_route_fwd_triton", _autograd_formulas(torch.ops.fsosr.topk_route_bwd_triton))
 # Eager calls: the same launchers and formulas without the dispatcher (fsosr/ops/_eager.py).
 _triton_eager = _eager.eager_autograd(_triton_forward_impl, *_autograd_formulas(_triton_backward_impl))
 

@@ -52,28 +52,28 @@ UNIT_CASES = [  # (E, k, d, h, d_out, G, N, activation, dropout): what each exer
 ]
 
 
-@pytest.mark.parametrize("e,k,d,h,d_out,g,n,activation,dropout", UNIT_CASES)
-def test_unit_tiles_match_reference(monkeypatch, kernels, e, k, d, h, d_out, g, n, activation, dropout):
+def check_unit_tiles(monkeypatch, kernels, inputs, g, k, activation, dropout, tol, deterministic=False):
+    """With unit tiles forced: y and every gradient match the fp64 reference, and the unit launchers ran."""
     monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", "units")
     calls = count_unit_launches(monkeypatch, kernels)
     fn = native_fn(g, activation, dropout)
     fn.k = k
-    inputs = make_inputs(e, d, h, d_out, g, n, torch.float32, seed=e * 10 + g)
-    testing.compare_with_reference(fn, inputs, backend="triton", grad_outputs=[0], names=["y"], atol=1e-4,
-                                   rtol=1e-4)
+    testing.compare_with_reference(fn, inputs, backend="triton", grad_outputs=[0], names=["y"], atol=tol, rtol=tol)
     assert calls == ["forward", "backward_rows"]
+    if deterministic:
+        testing.assert_bitwise_deterministic(fn, inputs, backend="triton", grad_outputs=[0])
+
+
+@pytest.mark.parametrize("e,k,d,h,d_out,g,n,activation,dropout", UNIT_CASES)
+def test_unit_tiles_match_reference(monkeypatch, kernels, e, k, d, h, d_out, g, n, activation, dropout):
+    inputs = make_inputs(e, d, h, d_out, g, n, torch.float32, seed=e * 10 + g)
+    check_unit_tiles(monkeypatch, kernels, inputs, g, k, activation, dropout, tol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_unit_tiles_low_precision(monkeypatch, kernels, dtype):
-    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", "units")
-    calls = count_unit_launches(monkeypatch, kernels)
-    fn = native_fn(40, "relu", 0.1)
-    fn.k = 2
     inputs = make_inputs(22, 64, 64, 64, 40, 2, dtype, seed=9)
-    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
-    testing.compare_with_reference(fn, inputs, backend="triton", grad_outputs=[0], names=["y"], atol=tol, rtol=tol)
-    assert calls == ["forward", "backward_rows"]
+    check_unit_tiles(monkeypatch, kernels, inputs, 40, 2, "relu", 0.1, tol=2e-2 if dtype == torch.bfloat16 else 3e-3)
 
 
 def test_unit_tiles_are_deterministic_and_round_differently_from_expert_tiles(monkeypatch, kernels):
@@ -135,13 +135,7 @@ def test_auto_tiling_runs_units_for_per_sample_routing_only(monkeypatch, kernels
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_unit_tiles_match_reference_and_are_deterministic(monkeypatch, kernels, dtype):
-    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", "units")
-    calls = count_unit_launches(monkeypatch, kernels)
-    fn = native_fn(197, "relu", 0.1)
-    fn.k = 2
     inputs = make_inputs(22, 768, 64, 768, 197, 16, dtype, seed=11)
     inputs = [t.detach().to("cuda" if i != 1 else "cpu").requires_grad_() for i, t in enumerate(inputs)]
-    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
-    testing.compare_with_reference(fn, inputs, backend="triton", grad_outputs=[0], names=["y"], atol=tol, rtol=tol)
-    testing.assert_bitwise_deterministic(fn, inputs, backend="triton", grad_outputs=[0])
-    assert "forward" in calls and "backward_rows" in calls
+    check_unit_tiles(monkeypatch, kernels, inputs, 197, 2, "relu", 0.1,
+                     tol=3e-2 if dtype == torch.bfloat16 else 1e-4, deterministic=True)
