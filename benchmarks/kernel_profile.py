@@ -3,7 +3,9 @@ the profiler's kernel table, per backend, at the benchmarks' shapes (needs a CUD
 
     python benchmarks/kernel_profile.py
 
-A step much longer than the sum of its kernels is host-bound (Python, dispatch, launches).
+Every step starts with a cold L2, as in the benchmarks (conftest.flush_l2; its fill kernel, FillFunctor, shows
+in the tables and is not the step's). A step much longer than the sum of its kernels is host-bound (Python,
+dispatch, launches).
 """
 import os
 import sys
@@ -14,25 +16,21 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_moe_mlp as tm  # noqa: E402
 import test_masked_adamw as ta  # noqa: E402
+from conftest import device_time, flush_l2  # noqa: E402
 from fsosr.ops.masked_adamw import masked_adamw_  # noqa: E402
 
 
 def timed(fn, n=20):
+    """Milliseconds of GPU time per step (median, cold L2)."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / n
+    return device_time(fn, n) * 1e3
 
 
 def table(fn, rows=14):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
+            flush_l2(wait=False)
             fn()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
@@ -43,7 +41,8 @@ def profile_moe_mlp() -> None:
         for backend in ["cuda", "triton", "triton-units", "grouped_mm"]:
             try:
                 fn = tm.moe_step("adapter", backend, "fwd+bwd", dtype)
-                print(f"### moe_mlp adapter fwd+bwd {dtype} {backend}: {timed(fn):.3f} ms per step (CUDA events)")
+                print(f"### moe_mlp adapter fwd+bwd {dtype} {backend}: {timed(fn):.3f} ms per step (CUDA events, "
+                      "median, cold L2)")
                 table(fn)
             except Exception as e:  # noqa: BLE001 - report and go on with the next backend
                 print(f"### FAILED moe_mlp {dtype} {backend}: {e!r}"[:500])
@@ -63,7 +62,8 @@ def profile_masked_adamw() -> None:
             except Exception as e:  # noqa: BLE001
                 print(f"### FAILED masked_adamw_ {backend}: {e!r}"[:500])
                 continue
-            print(f"### masked_adamw_ {size} P={params.numel()} {backend}: {ms * 1e3:.1f} us per step (CUDA events), "
+            print(f"### masked_adamw_ {size} P={params.numel()} {backend}: {ms * 1e3:.1f} us per step "
+                  "(CUDA events, median, cold L2), "
                   f"{floor_bytes / ms / 1e9:.2f} TB/s over the {floor_bytes / 1e6:.0f} MB it must move")
             table(fn, 6)
 

@@ -4,7 +4,8 @@
     python benchmarks/report.py bench.json [--baseline reference] [--out table.md] [--readme README.md]
 
 One table per op: a row per benchmark group (op, shape, mode), a column per provider with the median time, and
-the speed-up of every provider over the baseline provider measured in the same run.
+the speed-up of every provider over the baseline provider measured in the same run; where measured, a step's extra
+peak memory, its share of the GPU's copy bandwidth, and on a GPU its device time (CUDA events, cold L2).
 """
 from __future__ import annotations
 
@@ -36,7 +37,13 @@ def header(data: dict) -> str:
             f"threads), CPU: {machine.get('cpu', {}).get('brand_raw', '?')}, torch {extra.get('torch', '?')}, "
             f"commit {commit or '?'}, {data.get('datetime', '')[:19]}. Medians; speed-up = baseline / provider; "
             "MiB = extra peak memory of a step where measured; % BW = the bytes a step must move at least, per median "
-            "time, as a share of the GPU's measured copy bandwidth (H100: 3.0 TB/s).")
+            "time, as a share of the GPU's measured copy bandwidth (H100: 3.0 TB/s)"
+            + ("; device = the median GPU time of a step between CUDA events, each step after an L2 flush, and "
+               "its % BW over that time" if _has_device_times(data) else "") + ".")
+
+
+def _has_device_times(data: dict) -> bool:
+    return any("device_time_median_s" in b.get("extra_info", {}) for b in data.get("benchmarks", []))
 
 
 def tables(data: dict, baseline: str | None = None) -> str:
@@ -46,6 +53,7 @@ def tables(data: dict, baseline: str | None = None) -> str:
     baselines: dict[str, str] = {}
     memory: dict[tuple[str, str], float] = {}
     bandwidth: dict[tuple[str, str], float] = {}
+    device: dict[tuple[str, str], tuple[float, float | None]] = {}  # (device seconds, fraction of copy bandwidth)
     ops: dict[str, list[str]] = defaultdict(list)
     providers_by_op: dict[str, list[str]] = defaultdict(list)
     for bench in data.get("benchmarks", []):
@@ -57,6 +65,8 @@ def tables(data: dict, baseline: str | None = None) -> str:
             memory[group, provider] = extra["peak_memory_mib"]
         if "fraction_of_copy_bandwidth" in extra:
             bandwidth[group, provider] = extra["fraction_of_copy_bandwidth"]
+        if "device_time_median_s" in extra:
+            device[group, provider] = (extra["device_time_median_s"], extra.get("device_fraction_of_copy_bandwidth"))
         if group not in ops[op]:
             ops[op].append(group)
         if provider not in providers_by_op[op]:
@@ -83,6 +93,11 @@ def tables(data: dict, baseline: str | None = None) -> str:
                     cells[-1] += f", {memory[group, p]:.0f} MiB"
                 if (group, p) in bandwidth and p != group_baseline:
                     cells[-1] += f", {100 * bandwidth[group, p]:.0f}% BW"
+                if (group, p) in device:
+                    seconds, fraction = device[group, p]
+                    cells[-1] += f"; device {_format_time(seconds)}"
+                    if fraction is not None and p != group_baseline:
+                        cells[-1] += f", {100 * fraction:.0f}% BW"
             workload = group[len(op):].strip() if group.startswith(op) else group
             out.append(f"| {workload} | " + " | ".join(cells) + " |")
         out.append("")

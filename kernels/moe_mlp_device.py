@@ -19,8 +19,18 @@ def _pow2_at_least_16(n: int, cap: int | None = None) -> int:
     return p if cap is None else min(p, cap)
 
 
+WARPS_VARIABLE = "FSOSR_MOE_MLP_TRITON_WARPS"
+
+
 def _num_warps(h_pad: int) -> int:
-    # The [64, H_PAD] fp32 accumulators (two or three live at once) must stay in registers.
+    """Warps per program of a kernel whose widest accumulator is [64, h_pad] fp32 (two or three live at once; they
+    must stay in registers). FSOSR_MOE_MLP_TRITON_WARPS = 2 | 4 | 8 | 16 overrides the rule for every moe_mlp
+    kernel: a tuning knob for GPU sessions (benchmarks/test_moe_mlp_tuning.py)."""
+    forced = os.environ.get(WARPS_VARIABLE)
+    if forced:
+        if forced not in ("2", "4", "8", "16"):
+            raise ValueError(f"{WARPS_VARIABLE} must be 2, 4, 8 or 16, got {forced!r}")
+        return int(forced)
     return 4 if h_pad <= 64 else 8
 
 

@@ -139,3 +139,45 @@ def test_gpu_unit_tiles_match_reference_and_are_deterministic(monkeypatch, kerne
     inputs = [t.detach().to("cuda" if i != 1 else "cpu").requires_grad_() for i, t in enumerate(inputs)]
     check_unit_tiles(monkeypatch, kernels, inputs, 197, 2, "relu", 0.1,
                      tol=3e-2 if dtype == torch.bfloat16 else 1e-4, deterministic=True)
+
+
+@pytest.mark.parametrize("tiling", ["experts", "units"])
+def test_warps_setting_reaches_every_moe_mlp_launch(monkeypatch, kernels, tiling):
+    """FSOSR_MOE_MLP_TRITON_WARPS (a tuning knob for GPU sessions) sets num_warps of every moe_mlp GEMM kernel
+    launch; unset, the rule: 4 warps up to a 64-wide accumulator, 8 beyond. A bad value is refused. (The
+    elementwise slot-sum and split-reduce kernels keep their 4 warps.)"""
+    gemm_kernels = {"_forward_kernel", "_backward_rows_kernel", "_backward_weights_kernel", "_unit_forward_kernel",
+                    "_unit_backward_rows_kernel"}
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", tiling)
+    launch_class = type(kernels._forward_kernel)  # InterpretedFunction under the interpreter, JITFunction compiled
+    launches = []
+    original_run = launch_class.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        if self.fn.__name__ in gemm_kernels and not warmup:
+            launches.append((self.fn.__name__, kwargs.get("num_warps")))
+        return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    monkeypatch.setattr(launch_class, "run", recording_run)
+    fn = native_fn(33, "relu", 0.0)
+    fn.k = 2
+    inputs = make_inputs(4, 24, 16, 24, 33, 2, torch.float32, seed=4)   # h 16 (units: k*h 32): 4 warps by rule
+
+    def kernels_and_warps(warps):
+        if warps is None:
+            monkeypatch.delenv("FSOSR_MOE_MLP_TRITON_WARPS", raising=False)
+        else:
+            monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_WARPS", warps)
+        launches.clear()
+        (y,) = fn(*inputs, backend="triton")
+        y.backward(torch.ones_like(y))
+        return {name for name, _ in launches}, {w for _, w in launches}
+
+    names, warps = kernels_and_warps(None)
+    expected = ({"_unit_forward_kernel", "_unit_backward_rows_kernel"} if tiling == "units"
+                else {"_forward_kernel", "_backward_rows_kernel"})
+    assert expected <= names and "_backward_weights_kernel" in names and warps == {4}
+    names_forced, warps = kernels_and_warps("2")
+    assert names_forced == names and warps == {2}
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_WARPS", "6")
+    with pytest.raises(ValueError, match="FSOSR_MOE_MLP_TRITON_WARPS must be 2, 4, 8 or 16"):
+        fn(*inputs, backend="triton")
