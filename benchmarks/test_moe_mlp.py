@@ -184,27 +184,38 @@ def moe_step(shape_name: str, provider: str, mode: str, dtype: str = "float32", 
         finally:
             torch.backends.mkldnn.enabled = mkldnn
         return y
-    return cuda_graphed(fn) if graph else fn
+    if graph:
+        return cuda_graphed(fn)
+    fn.leaves = leaves  # for peak_memory_mib, which drops the gradients of a warm-up step
+    return fn
 
 
 def peak_memory_mib(shape_name: str, provider: str, mode: str, dtype: str) -> float:
-    """Extra peak memory of one step, measured in a fresh process: on the GPU from the CUDA allocator; on the
-    CPU as the peak resident set (VmHWM, reset through /proc/self/clear_refs once the inputs exist) minus the
-    resident set at that point."""
+    """Extra peak memory of a step in steady state, measured in a fresh process after one warm-up step whose
+    gradients are then dropped (as zero_grad(set_to_none=True) leaves a training step): on the GPU from the CUDA
+    allocator; on the CPU as the peak resident set (VmHWM, reset through /proc/self/clear_refs) minus the resident
+    set at that point, with glibc mapping every block over 64 KiB afresh and unmapping it when freed (a static
+    MALLOC_MMAP_THRESHOLD_), so that the resident set follows the live buffers rather than the heap's free
+    space (the warm-up's freed buffers would otherwise stay resident and hide the step's own)."""
     script = (
         "import sys, torch; sys.path.insert(0, {here!r}); import test_moe_mlp as t\n"
         "def status(key):\n"
         "    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key))\n"
         "fn = t.moe_step({shape!r}, {provider!r}, {mode!r}, {dtype!r})\n"
         "cuda = t.DEVICE.type == 'cuda'\n"
-        "if not cuda: open('/proc/self/clear_refs', 'w').write('5')\n"
+        "fn()\n"
+        "for leaf in fn.leaves: leaf.grad = None\n"
+        "if cuda: torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()\n"
+        "else: open('/proc/self/clear_refs', 'w').write('5')\n"
         "before = torch.cuda.memory_allocated() if cuda else status('VmRSS:')\n"
-        "fn(); fn()\n"
+        "fn()\n"
+        "if cuda: torch.cuda.synchronize()\n"
         "after = torch.cuda.max_memory_allocated() if cuda else status('VmHWM:')\n"
         "print((after - before) / 2**20)\n"
     ).format(here=os.path.dirname(os.path.abspath(__file__)), shape=shape_name, provider=provider, mode=mode,
              dtype=dtype)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 
