@@ -1,9 +1,15 @@
 """Launch options of the triton moe_mlp kernels at the GPU adapter shape (64 x 197 tokens, d 768, h 64, E 22, k 2),
-fwd+bwd in fp32 and bf16, each step captured in a CUDA graph (device time without host costs): the two tilings
-(FSOSR_MOE_MLP_TRITON_TILES: expert tiles, the default, and unit tiles, kernels/moe_mlp_units.py) by the warps per
-program of the GEMM kernels (FSOSR_MOE_MLP_TRITON_WARPS: the rule, 4 at h 64, or 8, where the sm_90 compile check
-finds no register spills for 16-bit data). The measurements that set ``DEFAULT_TILING`` (kernels/moe_mlp.py) and
-``_num_warps`` (kernels/moe_mlp_device.py). Needs a CUDA device; the baseline is the current default.
+fwd+bwd in fp32 and bf16, each step captured in a CUDA graph (device time without host costs; L2 flushed before
+each step). One option changed at a time from the defaults (the baseline):
+
+- the tiling of the forward and rows pass (FSOSR_MOE_MLP_TRITON_TILES=units: kernels/moe_mlp_units.py, no per-slot
+  buffer) — with unit tiles also each option below that concerns their kernels;
+- FSOSR_MOE_MLP_TRITON_TUNE (kernels/moe_mlp_device.py ``TUNABLE``): warps and pipeline stages of the forward and
+  rows-pass kernels (8 warps: no register spills for 16-bit data in the sm_90 compile check, which finds spills
+  at the rule's 4), and of the weight-gradient kernel with its row step and output block.
+
+The measurements that set ``DEFAULT_TILING`` and the launch rules (kernels/moe_mlp.py, moe_mlp_device.py); the
+default was tuned on the per-token shape (T = 50k). Needs a CUDA device.
 """
 from __future__ import annotations
 
@@ -15,20 +21,33 @@ from conftest import DEVICE, measure, record_bandwidth
 pytestmark = pytest.mark.skipif("triton" not in tm.OURS or DEVICE.type != "cuda",
                                 reason="tunes the compiled Triton kernels: needs a CUDA device")
 
-WARPS = {"rule": None, "w8": "8"}
-CONFIGS = [f"{tiles}-{warps}" for tiles in ("experts", "units") for warps in WARPS]
+ROWS_OPTIONS = ["warps=8", "stages=2", "stages=4"]
+WEIGHT_OPTIONS = ["weight_warps=8", "weight_stages=2", "weight_stages=4", "weight_rows=64", "weight_block_d=32",
+                  "weight_block_d=128"]
+CONFIGS = (["default", "units"] + ROWS_OPTIONS + [f"units,{o}" for o in ROWS_OPTIONS] + WEIGHT_OPTIONS
+           + ["units,weight_rows=64"])
+# Every config compiles for sm_90 within an H100's 227 KiB of shared memory at this shape (Triton 3.8, launches
+# recorded under the interpreter and compiled by tests/ops/triton_aot_compile.py, 2026-11-23) except the fp32 weight
+# pass with a 128-wide output block: 262,656 B. (Largest that fit: fp32 unit kernels at 4 stages, 229,376 B.)
+TOO_BIG = {("float32", "weight_block_d=128")}
+CASES = [(dtype, config) for dtype in ("float32", "bfloat16") for config in CONFIGS if (dtype, config) not in TOO_BIG]
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def environment(config: str) -> dict[str, str]:
+    """FSOSR_MOE_MLP_TRITON_TILES and FSOSR_MOE_MLP_TRITON_TUNE for a config name ("units,warps=8")."""
+    options = [] if config == "default" else config.split(",")
+    tiles = "units" if "units" in options else "experts"
+    return {"FSOSR_MOE_MLP_TRITON_TILES": tiles,
+            "FSOSR_MOE_MLP_TRITON_TUNE": ",".join(o for o in options if o != "units")}
+
+
+@pytest.mark.parametrize("dtype,config", CASES)
 def test_triton_adapter_launch_options(benchmark, dtype, config):
-    tiles, warps = config.split("-")
-    env = {"FSOSR_MOE_MLP_TRITON_TILES": tiles} | ({"FSOSR_MOE_MLP_TRITON_WARPS": WARPS[warps]} if WARPS[warps] else {})
     s = tm.SHAPES["adapter"]
+    env = environment(config)
     measure(benchmark, tm.moe_step("adapter", "triton-graph", "fwd+bwd", dtype, env=env),
             group=f"moe_mlp tuning triton adapter N={s.units}x{s.group} {s.width}-{s.hidden}-{s.out} E={s.experts} "
                   f"k={s.k} fwd+bwd {dtype} graph",
-            provider=config, baseline=CONFIGS[0],
-            info={"op": "moe_mlp tuning", "dtype": dtype, "mode": "fwd+bwd", "tiles": tiles,
-                  "warps": WARPS[warps] or "rule", "backend": "triton-graph"})
+            provider=config, baseline="default",
+            info={"op": "moe_mlp tuning", "dtype": dtype, "mode": "fwd+bwd", **env, "backend": "triton-graph"})
     record_bandwidth(benchmark, tm.floor_bytes(s, "fwd+bwd", dtype))

@@ -47,7 +47,7 @@ import triton.language as tl
 
 from . import moe_mlp_units
 from .moe_mlp_device import _activation, _activation_grad, _dropout_multiplier, _hidden, _mma, _num_warps, \
-    _pow2_at_least_16, _upcast
+    _pow2_at_least_16, _upcast, launch_options, tuning
 
 # Fixed configs (multi-config autotune does not run in the interpreter). tl.dot needs every dim >= 16 compiled,
 # so the hidden width and the chunk widths are padded up to at least 16.
@@ -334,7 +334,7 @@ def _rows_options(dtype, d, h, d_out, activation, dropout, per_expert_input, per
     h_pad = _pow2_at_least_16(h)
     return dict(ACT=int(activation), HAS_DROPOUT=dropout > 0, PER_EXPERT=bool(per_expert_input),
                 PER_SLOT_OUT=per_slot, UPCAST=_upcast(dtype), BLOCK_M=BLOCK_M, BLOCK_K=_pow2_at_least_16(d, BLOCK_K),
-                BLOCK_N=_pow2_at_least_16(d_out, BLOCK_N), H_PAD=h_pad, num_warps=_num_warps(h_pad))
+                BLOCK_N=_pow2_at_least_16(d_out, BLOCK_N), H_PAD=h_pad, **launch_options(_num_warps(h_pad)))
 
 
 def _sum_slots(slots, out, k, G, width):
@@ -449,7 +449,8 @@ def moe_mlp_backward(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, 
 
     # Weight pass: S fixed row chunks per expert into an fp32 workspace, then a fixed-order sum over S; with S = 1
     # the programs write the gradients themselves.
-    block_d = _pow2_at_least_16(max(d, d_out), _weight_block(x.dtype, h_pad))
+    tuned = tuning()
+    block_d = _pow2_at_least_16(max(d, d_out), tuned.get("weight_block_d", _weight_block(x.dtype, h_pad)))
     # d blocks (at least one, which writes grad_b1 even when d = 0), then d_out blocks.
     num_blocks = max(1, triton.cdiv(d, block_d)) + triton.cdiv(d_out, block_d)
     splits = _num_splits(num_rows, num_experts, d, h, d_out, num_blocks)
@@ -458,8 +459,9 @@ def moe_mlp_backward(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, 
     _backward_weights_kernel[(num_experts, splits, num_blocks)](
         x, grad_y, dpre, scaled_hidden, indices, gates, order, offsets, *partials,
         num_units, k, G, d, h, d_out, num_experts, splits, float(scale),
-        PER_EXPERT=bool(per_expert_input), BY_SLOT=by_unit, UPCAST=upcast, BLOCK_M=WEIGHT_ROWS, BLOCK_D=block_d,
-        H_PAD=h_pad, num_warps=_num_warps(h_pad * block_d // 64))       # its accumulator is [BLOCK_D, H_PAD]
+        PER_EXPERT=bool(per_expert_input), BY_SLOT=by_unit, UPCAST=upcast,
+        BLOCK_M=tuned.get("weight_rows", WEIGHT_ROWS), BLOCK_D=block_d, H_PAD=h_pad,
+        **launch_options(_num_warps(h_pad * block_d // 64), "weight_"))   # its accumulator is [BLOCK_D, H_PAD]
     largest = max(g.numel() for g in grads)
     if splits > 1 and largest:
         _reduce_splits_kernel[(triton.cdiv(largest, SUM_BLOCK), 4)](

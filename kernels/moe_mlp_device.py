@@ -1,7 +1,9 @@
 """Device helpers shared by the Triton moe_mlp kernels (kernels/moe_mlp.py: expert-sorted tiles,
 kernels/moe_mlp_units.py: unit tiles): the dot with its precision policy, activations and their derivatives, and
 the counter-hash dropout of fsosr/ops/_rng.py."""
+import functools
 import os
+import types
 
 import torch
 import triton
@@ -19,19 +21,48 @@ def _pow2_at_least_16(n: int, cap: int | None = None) -> int:
     return p if cap is None else min(p, cap)
 
 
-WARPS_VARIABLE = "FSOSR_MOE_MLP_TRITON_WARPS"
-
-
 def _num_warps(h_pad: int) -> int:
-    """Warps per program of a kernel whose widest accumulator is [64, h_pad] fp32 (two or three live at once; they
-    must stay in registers). FSOSR_MOE_MLP_TRITON_WARPS = 2 | 4 | 8 | 16 overrides the rule for every moe_mlp
-    kernel: a tuning knob for GPU sessions (benchmarks/test_moe_mlp_tuning.py)."""
-    forced = os.environ.get(WARPS_VARIABLE)
-    if forced:
-        if forced not in ("2", "4", "8", "16"):
-            raise ValueError(f"{WARPS_VARIABLE} must be 2, 4, 8 or 16, got {forced!r}")
-        return int(forced)
+    # The [64, H_PAD] fp32 accumulators (two or three live at once) must stay in registers.
     return 4 if h_pad <= 64 else 8
+
+
+# Launch options a GPU tuning session may override (benchmarks/test_moe_mlp_tuning.py), with their allowed values:
+# warps / stages of the forward and rows-pass kernels (either tiling), and of the weight-gradient kernel with its
+# row step (the GEMM's K) and output block.
+TUNE_VARIABLE = "FSOSR_MOE_MLP_TRITON_TUNE"
+TUNABLE = {"warps": (2, 4, 8, 16), "stages": (1, 2, 3, 4, 5, 6),
+           "weight_warps": (2, 4, 8, 16), "weight_stages": (1, 2, 3, 4, 5, 6),
+           "weight_rows": (16, 32, 64, 128, 256), "weight_block_d": (16, 32, 64, 128, 256)}
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_tuning(text: str) -> dict:
+    options = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in TUNABLE:
+            raise ValueError(f"{TUNE_VARIABLE}: unknown option {key!r}; options: {', '.join(TUNABLE)}")
+        if not value.strip().isdigit() or int(value) not in TUNABLE[key]:
+            raise ValueError(f"{TUNE_VARIABLE}: {key} must be one of {TUNABLE[key]}, got {value.strip()!r}")
+        options[key] = int(value)
+    return types.MappingProxyType(options)      # cached: read-only
+
+
+def tuning() -> dict:
+    """The launch options set by FSOSR_MOE_MLP_TRITON_TUNE, e.g. ``warps=8,weight_rows=64`` (keys: TUNABLE): a
+    knob for measuring alternatives on a GPU, not a user setting; unset, every kernel keeps its rule."""
+    return _parse_tuning(os.environ.get(TUNE_VARIABLE, ""))
+
+
+def launch_options(default_warps: int, prefix: str = "") -> dict:
+    """num_warps (and num_stages where tuned) of a launch: the tuned ``{prefix}warps`` / ``{prefix}stages`` or the
+    kernel's rule (Triton's default stages)."""
+    tuned = tuning()
+    options = {"num_warps": tuned.get(prefix + "warps", default_warps)}
+    if prefix + "stages" in tuned:
+        options["num_stages"] = tuned[prefix + "stages"]
+    return options
 
 
 def _upcast(dtype) -> bool:

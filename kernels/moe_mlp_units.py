@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .moe_mlp_device import _activation, _activation_grad, _dropout_multiplier, _hidden, _mma, _num_warps, \
-    _pow2_at_least_16, _upcast
+    _pow2_at_least_16, _upcast, launch_options
 
 BLOCK_K = 64            # d chunk of the first GEMM / of grad_x
 BLOCK_N = 64            # d_out chunk of the second GEMM / of dyW
@@ -169,7 +169,7 @@ def _options(dtype, k, G, d, h, d_out, activation, dropout) -> dict:
     kh_pad = _pow2_at_least_16(k * h)
     return dict(K=k, ACT=int(activation), HAS_DROPOUT=dropout > 0, UPCAST=_upcast(dtype), BLOCK_M=_block_m(G),
                 BLOCK_K=_pow2_at_least_16(d, BLOCK_K), BLOCK_N=_pow2_at_least_16(d_out, BLOCK_N), KH_PAD=kh_pad,
-                num_warps=_num_warps(kh_pad))
+                **launch_options(_num_warps(kh_pad)))
 
 
 def forward(x, indices, gates, w1, b1, w2, b2, y, hidden_pre, G: int, activation: int, scale: float,

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one command, for a machine with a CUDA device (GPU.md's checklist):
-# build, GPU tests, the op suite on CUDA tensors, compute-sanitizer, benchmarks and the kernel profile.
+# build, GPU tests, the op suite on CUDA tensors, compute-sanitizer, benchmarks, the triton launch-option sweep
+# and the kernel profile.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]      (OUT_DIR default: $OUT, else ./gpu_check_out)
 #
 # Each step writes its log under OUT_DIR as it goes and has its own time limit, so a run cut short by a lease
 # still leaves every finished step's results (pytest failures stream to OUT_DIR/failures_*.log). Steps run in
-# priority order; FSOSR_GPU_STEPS picks a subset (default "build gpu cuda sanitize bench profile").
+# priority order; FSOSR_GPU_STEPS picks a subset (default "build gpu cuda sanitize bench tune profile").
 # Other knobs: FSOSR_GPU_BUDGET (seconds for the whole run, default 560), FSOSR_BENCH_FILTER (pytest -k for the
 # benchmarks), FSOSR_REBUILD=1 (rebuild even when an extension for this Python exists), TORCH_CUDA_ARCH_LIST
 # (default 9.0 here: build only for the GPU at hand), a `.whl/` folder of extra wheels (installed to /tmp/site).
@@ -17,7 +18,7 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 T0=$(date +%s)
 BUDGET=${FSOSR_GPU_BUDGET:-560}
-STEPS=${FSOSR_GPU_STEPS:-build gpu cuda sanitize bench profile}
+STEPS=${FSOSR_GPU_STEPS:-build gpu cuda sanitize bench tune profile}
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 limit() { local want=$1 l; l=$(( $(left) - 10 )); (( l < want )) && want=$l; (( want < 1 )) && want=1; echo "$want"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -69,8 +70,16 @@ if want bench; then
   say "benchmarks"
   FSOSR_BENCH_ROUNDS=${FSOSR_BENCH_ROUNDS:-30} timeout -s INT -k 20 "$(limit 300)" \
     $PY -m pytest benchmarks -q -p no:cacheprovider -p no:xdist --benchmark-json="$OUT_DIR/bench.json" \
-    ${FSOSR_BENCH_FILTER:+-k "$FSOSR_BENCH_FILTER"} > "$OUT_DIR/bench.log" 2>&1
+    --ignore=benchmarks/test_moe_mlp_tuning.py ${FSOSR_BENCH_FILTER:+-k "$FSOSR_BENCH_FILTER"} \
+    > "$OUT_DIR/bench.log" 2>&1
   echo "   rc=$? $(tail -1 "$OUT_DIR/bench.log")"
+fi
+if want tune; then   # launch options of the triton moe_mlp kernels (benchmarks/test_moe_mlp_tuning.py)
+  say "triton launch-option sweep"
+  FSOSR_BENCH_ROUNDS=${FSOSR_BENCH_ROUNDS:-30} timeout -s INT -k 20 "$(limit 240)" \
+    $PY -m pytest benchmarks/test_moe_mlp_tuning.py -q -p no:cacheprovider -p no:xdist \
+    --benchmark-json="$OUT_DIR/tune.json" > "$OUT_DIR/tune.log" 2>&1
+  echo "   rc=$? $(tail -1 "$OUT_DIR/tune.log")"
 fi
 if want profile; then
   say "kernel profile"

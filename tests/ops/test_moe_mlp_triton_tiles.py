@@ -4,6 +4,8 @@ concatenation; no per-slot buffer). FSOSR_MOE_MLP_TRITON_TILES picks one (kernel
 Under the interpreter on CPU tensors, or compiled with FSOSR_TEST_DEVICE=cuda."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -141,43 +143,81 @@ def test_gpu_unit_tiles_match_reference_and_are_deterministic(monkeypatch, kerne
                      tol=3e-2 if dtype == torch.bfloat16 else 1e-4, deterministic=True)
 
 
-@pytest.mark.parametrize("tiling", ["experts", "units"])
-def test_warps_setting_reaches_every_moe_mlp_launch(monkeypatch, kernels, tiling):
-    """FSOSR_MOE_MLP_TRITON_WARPS (a tuning knob for GPU sessions) sets num_warps of every moe_mlp GEMM kernel
-    launch; unset, the rule: 4 warps up to a 64-wide accumulator, 8 beyond. A bad value is refused. (The
-    elementwise slot-sum and split-reduce kernels keep their 4 warps.)"""
+def record_gemm_launches(monkeypatch, kernels):
+    """[(kernel name, launch kwargs)] of every moe_mlp GEMM kernel launch from now on (the elementwise slot-sum and
+    split-reduce kernels are left out)."""
     gemm_kernels = {"_forward_kernel", "_backward_rows_kernel", "_backward_weights_kernel", "_unit_forward_kernel",
                     "_unit_backward_rows_kernel"}
-    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", tiling)
     launch_class = type(kernels._forward_kernel)  # InterpretedFunction under the interpreter, JITFunction compiled
     launches = []
     original_run = launch_class.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
         if self.fn.__name__ in gemm_kernels and not warmup:
-            launches.append((self.fn.__name__, kwargs.get("num_warps")))
+            launches.append((self.fn.__name__, kwargs))
         return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
     monkeypatch.setattr(launch_class, "run", recording_run)
+    return launches
+
+
+@pytest.mark.parametrize("tiling", ["experts", "units"])
+def test_tuned_launch_options_reach_the_launches(monkeypatch, kernels, tiling):
+    """FSOSR_MOE_MLP_TRITON_TUNE (a knob for GPU tuning sessions) sets the launch options it names, and only
+    those; unset, each kernel keeps its rule (4 warps up to a 64-wide accumulator, Triton's default stages,
+    WEIGHT_ROWS rows per weight-pass step, a 64-wide output block)."""
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", tiling)
+    launches = record_gemm_launches(monkeypatch, kernels)
     fn = native_fn(33, "relu", 0.0)
     fn.k = 2
-    inputs = make_inputs(4, 24, 16, 24, 33, 2, torch.float32, seed=4)   # h 16 (units: k*h 32): 4 warps by rule
+    inputs = make_inputs(4, 80, 16, 72, 33, 2, torch.float32, seed=4)   # h 16 (units: k*h 32): 4 warps by rule
 
-    def kernels_and_warps(warps):
-        if warps is None:
-            monkeypatch.delenv("FSOSR_MOE_MLP_TRITON_WARPS", raising=False)
-        else:
-            monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_WARPS", warps)
+    def run(tune):
+        monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TUNE", tune)
         launches.clear()
         (y,) = fn(*inputs, backend="triton")
         y.backward(torch.ones_like(y))
-        return {name for name, _ in launches}, {w for _, w in launches}
+        return {name: kwargs for name, kwargs in launches}
 
-    names, warps = kernels_and_warps(None)
-    expected = ({"_unit_forward_kernel", "_unit_backward_rows_kernel"} if tiling == "units"
-                else {"_forward_kernel", "_backward_rows_kernel"})
-    assert expected <= names and "_backward_weights_kernel" in names and warps == {4}
-    names_forced, warps = kernels_and_warps("2")
-    assert names_forced == names and warps == {2}
-    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_WARPS", "6")
-    with pytest.raises(ValueError, match="FSOSR_MOE_MLP_TRITON_WARPS must be 2, 4, 8 or 16"):
-        fn(*inputs, backend="triton")
+    default = run("")
+    rows_kernels = ({"_unit_forward_kernel", "_unit_backward_rows_kernel"} if tiling == "units"
+                    else {"_forward_kernel", "_backward_rows_kernel"})
+    assert set(default) == rows_kernels | {"_backward_weights_kernel"}
+    assert all(kw["num_warps"] == 4 and "num_stages" not in kw for kw in default.values())
+    weights = default["_backward_weights_kernel"]
+    assert (weights["BLOCK_M"], weights["BLOCK_D"]) == (kernels.WEIGHT_ROWS, 64)
+    tuned = run("warps=2, stages=2,weight_warps=8,weight_stages=4,weight_rows=32,weight_block_d=16")
+    assert set(tuned) == set(default)
+    assert all((tuned[n]["num_warps"], tuned[n]["num_stages"]) == (2, 2) for n in rows_kernels)
+    weights = tuned["_backward_weights_kernel"]
+    assert (weights["num_warps"], weights["num_stages"], weights["BLOCK_M"], weights["BLOCK_D"]) == (8, 4, 32, 16)
+    only_weights = run("weight_rows=64")
+    assert only_weights["_backward_weights_kernel"]["BLOCK_M"] == 64
+    assert all(only_weights[n]["num_warps"] == 4 and "num_stages" not in only_weights[n] for n in rows_kernels)
+
+
+@pytest.mark.parametrize("tune,message", [("warps=6", "warps must be one of (2, 4, 8, 16), got '6'"),
+                                          ("weight_rows=x", "weight_rows must be one of"),
+                                          ("block_m=64", "unknown option 'block_m'; options: warps, stages")])
+def test_bad_tuning_is_refused(monkeypatch, kernels, tune, message):
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TUNE", tune)
+    fn = native_fn(5, "relu", 0.0)
+    fn.k = 1
+    with pytest.raises(ValueError, match=re.escape("FSOSR_MOE_MLP_TRITON_TUNE: " + message)):
+        fn(*make_inputs(2, 16, 16, 16, 5, 2, torch.float32, seed=1), backend="triton")
+
+
+@pytest.mark.parametrize("tiling", ["experts", "units"])
+@pytest.mark.parametrize("tune", ["weight_rows=16,weight_block_d=16", "weight_rows=32,weight_block_d=32",
+                                  "weight_rows=256,weight_block_d=16", "weight_rows=64,weight_block_d=128"])
+def test_tuned_weight_tiles_match_reference(monkeypatch, kernels, tiling, tune):
+    """The weight pass at the tile sizes a tuning session may pick: several output blocks with partial last ones
+    (d 40, d_out 56 at 16 / 32), one block covering both (128), row steps longer than an expert's rows (256),
+    against the fp64 reference. (Sizes whose sm_90 build fits an H100's shared memory: the compile check builds
+    these launches too.)"""
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", tiling)
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TUNE", tune)
+    fn = native_fn(37, "gelu", 0.1)
+    fn.k = 2
+    inputs = make_inputs(5, 40, 24, 56, 37, 3, torch.float32, seed=11)
+    testing.compare_with_reference(fn, inputs, backend="triton", grad_outputs=[0], names=["y"], atol=1e-4,
+                                   rtol=1e-4)
