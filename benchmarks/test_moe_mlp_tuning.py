@@ -6,7 +6,9 @@ each step). One option changed at a time from the defaults (the baseline):
   buffer) — with unit tiles also each option below that concerns their kernels;
 - FSOSR_MOE_MLP_TRITON_TUNE (kernels/moe_mlp_device.py ``TUNABLE``): warps and pipeline stages of the forward and
   rows-pass kernels (8 warps: no register spills for 16-bit data in the sm_90 compile check, which finds spills
-  at the rule's 4), and of the weight-gradient kernel with its row step and output block.
+  at the rule's 4), and of the weight-gradient kernel with its row step, output block and row chunks per expert
+  (the rule takes none at this shape: E 22 x 24 output blocks = 528 programs; chunks balance uneven experts
+  across more programs, at the price of an fp32 workspace written and summed after).
 
 The measurements that set ``DEFAULT_TILING`` and the launch rules (kernels/moe_mlp.py, moe_mlp_device.py); the
 default was tuned on the per-token shape (T = 50k). Needs a CUDA device.
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.skipif("triton" not in tm.OURS or DEVICE.type != "cuda"
 
 ROWS_OPTIONS = ["warps=8", "stages=2", "stages=4"]
 WEIGHT_OPTIONS = ["weight_warps=8", "weight_stages=2", "weight_stages=4", "weight_rows=64", "weight_block_d=32",
-                  "weight_block_d=128"]
+                  "weight_block_d=128", "weight_splits=2", "weight_splits=4"]
 CONFIGS = (["default", "units"] + ROWS_OPTIONS + [f"units,{o}" for o in ROWS_OPTIONS] + WEIGHT_OPTIONS
            + ["units,weight_rows=64"])
 # Every config compiles for sm_90 within an H100's 227 KiB of shared memory at this shape (Triton 3.8, launches

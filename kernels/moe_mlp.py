@@ -453,7 +453,7 @@ def moe_mlp_backward(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, 
     block_d = _pow2_at_least_16(max(d, d_out), tuned.get("weight_block_d", _weight_block(x.dtype, h_pad)))
     # d blocks (at least one, which writes grad_b1 even when d = 0), then d_out blocks.
     num_blocks = max(1, triton.cdiv(d, block_d)) + triton.cdiv(d_out, block_d)
-    splits = _num_splits(num_rows, num_experts, d, h, d_out, num_blocks)
+    splits = tuned.get("weight_splits") or _num_splits(num_rows, num_experts, d, h, d_out, num_blocks)
     grads = [torch.empty_like(w) for w in (w1, b1, w2, b2)]
     partials = grads if splits == 1 else [torch.empty((splits, *g.shape), dtype=f32, device=device) for g in grads]
     _backward_weights_kernel[(num_experts, splits, num_blocks)](

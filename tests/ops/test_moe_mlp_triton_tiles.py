@@ -144,8 +144,8 @@ def test_gpu_unit_tiles_match_reference_and_are_deterministic(monkeypatch, kerne
 
 
 def record_gemm_launches(monkeypatch, kernels):
-    """[(kernel name, launch kwargs)] of every moe_mlp GEMM kernel launch from now on (the elementwise slot-sum and
-    split-reduce kernels are left out)."""
+    """[(kernel name, launch kwargs and its grid)] of every moe_mlp GEMM kernel launch from now on (the elementwise
+    slot-sum and split-reduce kernels are left out)."""
     gemm_kernels = {"_forward_kernel", "_backward_rows_kernel", "_backward_weights_kernel", "_unit_forward_kernel",
                     "_unit_backward_rows_kernel"}
     launch_class = type(kernels._forward_kernel)  # InterpretedFunction under the interpreter, JITFunction compiled
@@ -154,7 +154,7 @@ def record_gemm_launches(monkeypatch, kernels):
 
     def recording_run(self, *args, grid, warmup, **kwargs):
         if self.fn.__name__ in gemm_kernels and not warmup:
-            launches.append((self.fn.__name__, kwargs))
+            launches.append((self.fn.__name__, dict(kwargs, grid=tuple(grid))))
         return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
     monkeypatch.setattr(launch_class, "run", recording_run)
     return launches
@@ -184,14 +184,16 @@ def test_tuned_launch_options_reach_the_launches(monkeypatch, kernels, tiling):
     assert set(default) == rows_kernels | {"_backward_weights_kernel"}
     assert all(kw["num_warps"] == 4 and "num_stages" not in kw for kw in default.values())
     weights = default["_backward_weights_kernel"]
-    assert (weights["BLOCK_M"], weights["BLOCK_D"]) == (kernels.WEIGHT_ROWS, 64)
+    assert (weights["BLOCK_M"], weights["BLOCK_D"], weights["grid"]) == (kernels.WEIGHT_ROWS, 64, (4, 1, 4))
     tuned = run("warps=2, stages=2,weight_warps=8,weight_stages=4,weight_rows=32,weight_block_d=16")
     assert set(tuned) == set(default)
     assert all((tuned[n]["num_warps"], tuned[n]["num_stages"]) == (2, 2) for n in rows_kernels)
     weights = tuned["_backward_weights_kernel"]
     assert (weights["num_warps"], weights["num_stages"], weights["BLOCK_M"], weights["BLOCK_D"]) == (8, 4, 32, 16)
-    only_weights = run("weight_rows=64")
+    assert weights["grid"] == (4, 1, 5 + 5)                 # d 80, d_out 72 in 16-wide blocks
+    only_weights = run("weight_rows=64,weight_splits=3")
     assert only_weights["_backward_weights_kernel"]["BLOCK_M"] == 64
+    assert only_weights["_backward_weights_kernel"]["grid"] == (4, 3, 4)
     assert all(only_weights[n]["num_warps"] == 4 and "num_stages" not in only_weights[n] for n in rows_kernels)
 
 
@@ -208,11 +210,13 @@ def test_bad_tuning_is_refused(monkeypatch, kernels, tune, message):
 
 @pytest.mark.parametrize("tiling", ["experts", "units"])
 @pytest.mark.parametrize("tune", ["weight_rows=16,weight_block_d=16", "weight_rows=32,weight_block_d=32",
-                                  "weight_rows=256,weight_block_d=16", "weight_rows=64,weight_block_d=128"])
+                                  "weight_rows=256,weight_block_d=16", "weight_rows=64,weight_block_d=128",
+                                  "weight_rows=16,weight_splits=3", "weight_splits=16"])
 def test_tuned_weight_tiles_match_reference(monkeypatch, kernels, tiling, tune):
     """The weight pass at the tile sizes a tuning session may pick: several output blocks with partial last ones
-    (d 40, d_out 56 at 16 / 32), one block covering both (128), row steps longer than an expert's rows (256),
-    against the fp64 reference. (Sizes whose sm_90 build fits an H100's shared memory: the compile check builds
+    (d 40, d_out 56 at 16 / 32), one block covering both (128), row steps longer than an expert's rows (256), rows
+    in chunks (partials in the workspace, then the ordered sum; 16 chunks: some empty), against the fp64
+    reference. (Sizes whose sm_90 build fits an H100's shared memory: the compile check builds
     these launches too.)"""
     monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", tiling)
     monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TUNE", tune)
