@@ -28,12 +28,13 @@ def _num_warps(h_pad: int) -> int:
 
 # Launch options a GPU tuning session may override (benchmarks/test_moe_mlp_tuning.py), with their allowed values:
 # warps / stages of the forward and rows-pass kernels (either tiling), and of the weight-gradient kernel with its
-# row step (the GEMM's K), output block and row chunks per expert (partials summed in a fixed order after).
+# row step (the GEMM's K), output block and row chunks per expert (partials summed in a fixed order after); the
+# longest row tile of the unit-tiled kernels.
 TUNE_VARIABLE = "FSOSR_MOE_MLP_TRITON_TUNE"
 TUNABLE = {"warps": (2, 4, 8, 16), "stages": (1, 2, 3, 4, 5, 6),
            "weight_warps": (2, 4, 8, 16), "weight_stages": (1, 2, 3, 4, 5, 6),
            "weight_rows": (16, 32, 64, 128, 256), "weight_block_d": (16, 32, 64, 128, 256),
-           "weight_splits": (1, 2, 3, 4, 6, 8, 12, 16)}
+           "weight_splits": (1, 2, 3, 4, 6, 8, 12, 16), "unit_rows": (16, 32, 64, 128)}
 
 
 @functools.lru_cache(maxsize=32)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .moe_mlp_device import _activation, _activation_grad, _dropout_multiplier, _hidden, _mma, _num_warps, \
-    _pow2_at_least_16, _upcast, launch_options
+    _pow2_at_least_16, _upcast, launch_options, tuning
 
 BLOCK_K = 64            # d chunk of the first GEMM / of grad_x
 BLOCK_N = 64            # d_out chunk of the second GEMM / of dyW
@@ -38,8 +38,9 @@ def fits(k: int, h: int) -> bool:
 
 
 def _block_m(G: int) -> int:
-    # A tile never spans two units (they route to different experts): short units get short tiles.
-    return _pow2_at_least_16(G, 64)
+    # A tile never spans two units (they route to different experts): short units get short tiles. Up to 64 rows
+    # (FSOSR_MOE_MLP_TRITON_TUNE unit_rows: 128 halves the programs that each gather the k experts' weights).
+    return _pow2_at_least_16(G, tuning().get("unit_rows", 64))
 
 
 @triton.jit

@@ -225,3 +225,16 @@ def test_tuned_weight_tiles_match_reference(monkeypatch, kernels, tiling, tune):
     inputs = make_inputs(5, 40, 24, 56, 37, 3, torch.float32, seed=11)
     testing.compare_with_reference(fn, inputs, backend="triton", grad_outputs=[0], names=["y"], atol=1e-4,
                                    rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [16, 128])
+def test_tuned_unit_rows_match_reference(monkeypatch, kernels, rows):
+    """Unit tiles of 16 or 128 rows (FSOSR_MOE_MLP_TRITON_TUNE unit_rows; 64 by default): G 150 is 10 tiles of 16
+    (the last 6 rows) or 2 of 128 (the last 22), k*h 94 padded to 128."""
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TUNE", f"unit_rows={rows}")
+    launches = record_gemm_launches(monkeypatch, kernels)
+    inputs = make_inputs(7, 40, 47, 24, 150, 2, torch.float32, seed=rows)
+    check_unit_tiles(monkeypatch, kernels, inputs, 150, 2, "relu", 0.1, tol=1e-4)
+    tiles = {name: (kw["BLOCK_M"], kw["grid"]) for name, kw in launches if name.startswith("_unit")}
+    expected = (rows, (2, -(-150 // rows)))
+    assert tiles == {"_unit_forward_kernel": expected, "_unit_backward_rows_kernel": expected}
