@@ -48,7 +48,7 @@ OURS = [b for b in IMPLEMENTED if b != "reference" and backends.why_unavailable(
 CPU_PATHS = ["cpu-routed", "cpu-dense", "cpu-blas"] if "cpu" in OURS else []
 TRITON_TILES = ["triton-units"] if "triton" in OURS else []
 # What a forced path is set through, per backend.
-PATH_VARIABLES = {"cpu": "FSOSR_MOE_MLP_PATH", "triton": "FSOSR_MOE_MLP_TRITON_TILES"}
+PATH_VARIABLES = {"cpu": "FSOSR_MOE_MLP_PATH", "cuda": "FSOSR_MOE_MLP_PATH", "triton": "FSOSR_MOE_MLP_TRITON_TILES"}
 # On a GPU, the fused providers and the stock-PyTorch ones that never sync with the host also run captured in a
 # CUDA graph ("-graph"): the device time of the step, without the host's Python and launch costs. The seeds'
 # loop cannot be captured (it reads routing results on the host).

@@ -38,7 +38,7 @@ TUNABLE = {"warps": (2, 4, 8, 16), "stages": (1, 2, 3, 4, 5, 6),
 
 
 @functools.lru_cache(maxsize=32)
-def _parse_tuning(text: str) -> dict:
+def _parse_tuning(text: str) -> types.MappingProxyType:
     options = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
@@ -51,7 +51,7 @@ def _parse_tuning(text: str) -> dict:
     return types.MappingProxyType(options)      # cached: read-only
 
 
-def tuning() -> dict:
+def tuning() -> types.MappingProxyType:
     """The launch options set by FSOSR_MOE_MLP_TRITON_TUNE, e.g. ``warps=8,weight_rows=64`` (keys: TUNABLE): a
     knob for measuring alternatives on a GPU, not a user setting; unset, every kernel keeps its rule."""
     return _parse_tuning(os.environ.get(TUNE_VARIABLE, ""))

@@ -89,3 +89,19 @@ def test_every_benchmark_runs():
     summary = out.stdout.strip().splitlines()[-1]
     passed = int(summary.split(" passed")[0].split()[-1])
     assert passed >= 70 and "failed" not in summary and "error" not in summary, summary
+
+
+def test_every_forced_path_provider_names_its_switch():
+    """Providers such as `cuda-routed` (a GPU-only FSMoE provider) force a path through the backend's switch; each
+    one the moe_mlp benchmarks use must map to one (a missing entry failed only on a GPU). Building the step runs
+    no kernel, so this checks the GPU providers here too."""
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import test_moe_mlp as t\n"
+            "for shape, provider in [('adapter', 'cpu-routed'), ('adapter', 'cpu-dense'), ('adapter', 'cpu-blas'),\n"
+            "                        ('adapter', 'triton-units'), ('fsmoe', 'cuda-routed')]:\n"
+            "    fn = t.moe_step(shape, provider, 'fwd')\n"
+            "    assert callable(fn), provider\n"
+            "print(sorted(t.PATH_VARIABLES))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FSOSR_BENCH_DEVICE")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["['cpu',", "'cuda',", "'triton']"]
