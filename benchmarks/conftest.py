@@ -12,6 +12,7 @@ still counts the time the GPU waits for a host that launches slower than the GPU
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 
@@ -96,6 +97,22 @@ def measure(benchmark, fn, *, group: str, provider: str, baseline: str, info: di
         BASELINE_MEDIANS[group] = median
     if group in BASELINE_MEDIANS:
         benchmark.extra_info["speedup_vs_" + baseline] = BASELINE_MEDIANS[group] / median
+
+
+@contextlib.contextmanager
+def environment(variables: dict[str, str]):
+    """os.environ with ``variables`` set inside the block (the kernels' launchers read their options from it, in
+    forward and in backward), restored after."""
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def cuda_graphed(fn):

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_moe_mlp as tm  # noqa: E402
 import test_masked_adamw as ta  # noqa: E402
-from conftest import device_time, flush_l2  # noqa: E402
+from conftest import device_time, environment, flush_l2  # noqa: E402
 from fsosr.ops.masked_adamw import masked_adamw_  # noqa: E402
 
 
@@ -53,16 +53,20 @@ def profile_masked_adamw() -> None:
         g = torch.Generator().manual_seed(0)
         params, grads, exp_avg, exp_avg_sq, owner, selected, offsets, steps, wd = ta.flat_inputs(g, blocks)
         floor_bytes = params.numel() * ta.FLOOR_BYTES_PER_ENTRY
-        for backend in ["cuda", "triton"]:
-            def fn(backend=backend):
-                masked_adamw_(params, grads, exp_avg, exp_avg_sq, owner, selected, lr=1e-3, weight_decay=wd,
-                              step=steps, semantics="mosa", segment_offsets=offsets, backend=backend)
+        for provider in ["cuda", "triton", "triton-fused"]:   # triton-fused: one launch (test_masked_adamw.py)
+            backend, _, variant = provider.partition("-")
+            variables = {"FSOSR_MASKED_ADAMW_TRITON_FUSED": "1" if variant == "fused" else "0"}
+
+            def fn(backend=backend, variables=variables):
+                with environment(variables):
+                    masked_adamw_(params, grads, exp_avg, exp_avg_sq, owner, selected, lr=1e-3, weight_decay=wd,
+                                  step=steps, semantics="mosa", segment_offsets=offsets, backend=backend)
             try:
                 ms = timed(fn, 50)
             except Exception as e:  # noqa: BLE001
-                print(f"### FAILED masked_adamw_ {backend}: {e!r}"[:500])
+                print(f"### FAILED masked_adamw_ {provider}: {e!r}"[:500])
                 continue
-            print(f"### masked_adamw_ {size} P={params.numel()} {backend}: {ms * 1e3:.1f} us per step "
+            print(f"### masked_adamw_ {size} P={params.numel()} {provider}: {ms * 1e3:.1f} us per step "
                   "(CUDA events, median, cold L2), "
                   f"{floor_bytes / ms / 1e9:.2f} TB/s over the {floor_bytes / 1e6:.0f} MB it must move")
             table(fn, 6)

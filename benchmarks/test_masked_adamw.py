@@ -8,7 +8,8 @@ Providers:
   (decay before the step, eps after bias correction: not MoSA's maths, but the same bytes moved).
 - ours (`cpu`, and on CUDA `cuda` and `triton`): ``masked_adamw_`` over the compact flat buffer (one W_own + uint8
   owner map per up projection). Each provider that can run on the benchmark device is measured in the same run.
-- on CUDA also `cuda-graph` / `triton-graph`: the same step captured in a CUDA graph and replayed (device time).
+- on CUDA also `triton-fused`: the triton step as one launch (FSOSR_MASKED_ADAMW_TRITON_FUSED=1), and
+  `cuda-graph` / `triton-graph` / `triton-fused-graph`: the same steps captured in a CUDA graph and replayed.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, cuda_graphed, measure, record_bandwidth
+from conftest import DEVICE, cuda_graphed, environment, measure, record_bandwidth
 from fsosr import backends
 from fsosr.ops.masked_adamw import SHARED, masked_adamw_
 
@@ -26,8 +27,11 @@ LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-6, 0.01
 OURS = [b for b in ("cpu", "cuda", "triton") if backends.why_unavailable(b, DEVICE) is None]
 # On a GPU ours also run captured in a CUDA graph ("-graph"): the step's device time, as a training loop that
 # captures its optimizer step would see it (the step has no host synchronisation, so it captures).
-GRAPHED = [f"{b}-graph" for b in OURS if b != "cpu"]
-PROVIDERS = ["mosa_loop", "torch_adamw_foreach"] + OURS + GRAPHED
+# triton-fused: the triton step as one launch (FSOSR_MASKED_ADAMW_TRITON_FUSED=1; rules computed per program, the
+# counters advanced by the last program), opt-in until measured here.
+FUSED = ["triton-fused"] if "triton" in OURS and DEVICE.type == "cuda" else []
+GRAPHED = [f"{b}-graph" for b in OURS + FUSED if b != "cpu"]
+PROVIDERS = ["mosa_loop", "torch_adamw_foreach"] + OURS + FUSED + GRAPHED
 # ViT-B/16's 12 blocks (36 MB of traffic: fits in an H100's 50 MB L2 and is launch-bound), and on a GPU also 16x as
 # many blocks (570 MB), where the step streams from HBM and its bandwidth can be compared with the copy floor.
 SIZES = {"vit_b16": BLOCKS} | ({"x16": 16 * BLOCKS} if DEVICE.type == "cuda" else {})
@@ -115,10 +119,14 @@ def test_masked_adamw(benchmark, size, provider):
         n_entries = sum(p.numel() for p in params)
     else:
         params, grads, exp_avg, exp_avg_sq, owner, selected, offsets, steps, wd = flat_inputs(g, blocks)
-        backend = provider.removesuffix("-graph")
-        fn = lambda: masked_adamw_(params, grads, exp_avg, exp_avg_sq, owner, selected, lr=LR, betas=BETAS,  # noqa: E731
-                                   eps=EPS, weight_decay=wd, step=steps, semantics="mosa",
-                                   segment_offsets=offsets, backend=backend)
+        backend, _, variant = provider.removesuffix("-graph").partition("-")
+        variables = {"FSOSR_MASKED_ADAMW_TRITON_FUSED": "1" if variant == "fused" else "0"}
+
+        def fn():
+            with environment(variables):
+                masked_adamw_(params, grads, exp_avg, exp_avg_sq, owner, selected, lr=LR, betas=BETAS, eps=EPS,
+                              weight_decay=wd, step=steps, semantics="mosa", segment_offsets=offsets,
+                              backend=backend)
         if provider.endswith("-graph"):
             fn = cuda_graphed(fn)
         n_entries = params.numel()

@@ -29,7 +29,6 @@ tensor, ~55 us of a ~460 us bf16 triton step on an H100).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -39,7 +38,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, cuda_graphed, measure, record_bandwidth
+from conftest import DEVICE, cuda_graphed, environment, measure, record_bandwidth
 from fsosr import backends
 from fsosr.ops import moe_mlp, moe_mlp_per_expert_input, topk_route
 from fsosr.ops.moe_mlp import IMPLEMENTED
@@ -125,22 +124,6 @@ def dense_masked_moe(s: Shape, x, routing, w1, b1, w2, b2):
     per_row_gate = dense_gates.repeat_interleave(s.group, dim=0)                   # [rows, E]
     hidden = (hidden.reshape(-1, s.experts, s.hidden) * per_row_gate[:, :, None]).reshape(-1, s.experts * s.hidden)
     return hidden @ w2.reshape(-1, s.out) + per_row_gate @ b2
-
-
-@contextlib.contextmanager
-def environment(variables: dict[str, str]):
-    """os.environ with ``variables`` set inside the block (the kernels' launchers read their options from it in
-    forward and in backward), restored after."""
-    before = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def moe_step(shape_name: str, provider: str, mode: str, dtype: str = "float32", env: dict[str, str] | None = None):

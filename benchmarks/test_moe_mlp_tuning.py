@@ -38,7 +38,7 @@ TOO_BIG = {("float32", "weight_block_d=128")}
 CASES = [(dtype, config) for dtype in ("float32", "bfloat16") for config in CONFIGS if (dtype, config) not in TOO_BIG]
 
 
-def environment(config: str) -> dict[str, str]:
+def config_variables(config: str) -> dict[str, str]:
     """FSOSR_MOE_MLP_TRITON_TILES and FSOSR_MOE_MLP_TRITON_TUNE for a config name ("units,warps=8")."""
     options = [] if config == "default" else config.split(",")
     tiles = "units" if "units" in options else "experts"
@@ -49,7 +49,7 @@ def environment(config: str) -> dict[str, str]:
 @pytest.mark.parametrize("dtype,config", CASES)
 def test_triton_adapter_launch_options(benchmark, dtype, config):
     s = tm.SHAPES["adapter"]
-    env = environment(config)
+    env = config_variables(config)
     measure(benchmark, tm.moe_step("adapter", "triton-graph", "fwd+bwd", dtype, env=env),
             group=f"moe_mlp tuning triton adapter N={s.units}x{s.group} {s.width}-{s.hidden}-{s.out} E={s.experts} "
                   f"k={s.k} fwd+bwd {dtype} graph",

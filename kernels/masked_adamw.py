@@ -13,6 +13,10 @@ Two launches, both sized by shapes alone (no host synchronisation, so a CUDA gra
    rule, and updates p, m, v in place. Entries whose slot does not step are neither read nor written (their
    bytes never move). The update is elementwise, so results are bitwise reproducible run to run.
 
+With ``FSOSR_MASKED_ADAMW_TRITON_FUSED=1`` (and at most 15 experts) one launch does both: ``_fused_kernel``
+computes each program's rules itself from the counters as they were, and the last program to arrive (an acq_rel
+atomic count) advances the counters (docs/ops/masked_adamw.md).
+
 Inputs the Python wrapper did not validate (``validate=False`` on CUDA) cannot make the kernels read out of
 bounds: an owner value >= N other than 255 leaves its entry untouched, a selected expert outside [0, N) matches
 no slot, and the segment search stays inside [0, S).
@@ -31,6 +35,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # SM to stream at HBM speed. The interpreter runs one program at a time in numpy, so there bigger is faster.
 BLOCK = 4096 if _INTERPRET else 1024
 RULES_BLOCK = 256        # (segment, slot) pairs per program of the rules kernel
+# One launch instead of two (rules, then step) where each program can hold a segment's N+1 rules in registers:
+# opt-in until it has run on a GPU (its correctness across programs rests on the arrival counter's ordering,
+# which the interpreter, running programs one after another, cannot exercise).
+FUSED_VARIABLE = "FSOSR_MASKED_ADAMW_TRITON_FUSED"
+FUSED_MAX_EXPERTS = 15
+_ARRIVAL_COUNTERS: dict = {}
 # Globals read inside @triton.jit code must be tl.constexpr: the compiler rejects plain ints (the interpreter does
 # not, so tests/ops/test_triton_sources.py checks this statically).
 SHARED = tl.constexpr(255)        # owner value of entries every expert updates (fsosr.ops.masked_adamw.SHARED)
@@ -82,6 +92,40 @@ def _pow_int(base, exponent):
     return result
 
 
+@triton.jit
+def _counter(steps_ptr, selected_ptr, segment, slot, mask, num_experts, draws, MOSA: tl.constexpr,
+             ADVANCE: tl.constexpr):
+    """(counter after this step (advanced where the slot steps, when ADVANCE), whether the slot steps, whether it
+    was drawn) of (segment, slot) pairs."""
+    t = tl.load(steps_ptr + segment * (num_experts + 1) + slot, mask=mask, other=0)
+    drawn = slot == num_experts        # the shared slot, and every expert drawn since the last step
+    for d in range(0, draws):
+        chosen = tl.load(selected_ptr + segment * draws + d, mask=mask, other=-1)
+        drawn = drawn | (slot == chosen)
+    if MOSA:
+        update = drawn | (t > 0)       # torch 1.11 zero_grad keeps zero grads: once drawn, always stepped
+    else:
+        update = drawn                 # set_to_none: only the drawn expert steps
+    if ADVANCE:
+        t = t + update.to(tl.int64)
+    return t, update, drawn
+
+
+@triton.jit
+def _rule(steps_ptr, selected_ptr, weight_decay_ptr, segment, slot, mask, num_experts, draws, lr, beta1, beta2,
+          MOSA: tl.constexpr, ADVANCE: tl.constexpr):
+    """The rule of (segment, slot) pairs: their counters after this step, whether they step, the bias-corrected
+    step size and the decay (fp64), and the flags (int32)."""
+    t, update, drawn = _counter(steps_ptr, selected_ptr, segment, slot, mask, num_experts, draws, MOSA, ADVANCE)
+    tt = tl.maximum(t, 1)              # t only matters where the slot steps, and there it is >= 1
+    correction1 = 1.0 - _pow_int(beta1, tt)
+    correction2 = 1.0 - _pow_int(beta2, tt)
+    step_size = tl.where(update, lr * _sqrt(correction2) / correction1, 0.0)
+    decay = lr * tl.load(weight_decay_ptr + segment, mask=mask, other=0.0)
+    flags = update.to(tl.int32) * _FLAG_UPDATE + drawn.to(tl.int32) * _FLAG_GRAD
+    return t, update, step_size, decay, flags
+
+
 @triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "eps_bits"])
 def _rules_kernel(steps_ptr, selected_ptr, weight_decay_ptr, step_size_ptr, decay_ptr, flags_ptr, consts_ptr,
                   num_pairs, num_experts, draws, lr_bits, beta1_bits, beta2_bits, eps_bits,
@@ -93,26 +137,10 @@ def _rules_kernel(steps_ptr, selected_ptr, weight_decay_ptr, step_size_ptr, deca
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     ok = idx < num_pairs
     slots = num_experts + 1
-    segment = idx // slots
-    slot = idx % slots
-    t = tl.load(steps_ptr + idx, mask=ok, other=0)
-    drawn = slot == num_experts        # the shared slot, and every expert drawn since the last step
-    for d in range(0, draws):
-        chosen = tl.load(selected_ptr + segment * draws + d, mask=ok, other=-1)
-        drawn = drawn | (slot == chosen)
-    if MOSA:
-        update = drawn | (t > 0)       # torch 1.11 zero_grad keeps zero grads: once drawn, always stepped
-    else:
-        update = drawn                 # set_to_none: only the drawn expert steps
+    t, update, step_size, decay, flags = _rule(steps_ptr, selected_ptr, weight_decay_ptr, idx // slots, idx % slots,
+                                               ok, num_experts, draws, lr, beta1, beta2, MOSA, ADVANCE)
     if ADVANCE:
-        t = t + update.to(tl.int64)
         tl.store(steps_ptr + idx, t, mask=ok & update)
-    t = tl.maximum(t, 1)               # t only matters where the slot steps, and there it is >= 1
-    correction1 = 1.0 - _pow_int(beta1, t)
-    correction2 = 1.0 - _pow_int(beta2, t)
-    step_size = tl.where(update, lr * _sqrt(correction2) / correction1, 0.0)
-    decay = lr * tl.load(weight_decay_ptr + segment, mask=ok, other=0.0)
-    flags = update.to(tl.int32) * _FLAG_UPDATE + drawn.to(tl.int32) * _FLAG_GRAD
     out_ty = step_size_ptr.dtype.element_ty
     tl.store(step_size_ptr + idx, step_size.to(out_ty), mask=ok)
     tl.store(decay_ptr + idx, decay.to(out_ty), mask=ok)
@@ -128,16 +156,12 @@ def _rules_kernel(steps_ptr, selected_ptr, weight_decay_ptr, step_size_ptr, deca
 
 
 @triton.jit
-def _step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, owner_ptr, offsets_ptr, step_size_ptr, decay_ptr, flags_ptr,
-                 consts_ptr, numel, num_segments, num_experts,
-                 SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = idx < numel
-    # Segment of each entry: the last s with offsets[s] <= idx. Invariant offsets[lo] <= idx < offsets[hi];
-    # SEARCH_STEPS = ceil(log2 S) halvings leave hi = lo + 1 (once there, mid = lo and nothing changes).
-    lo = tl.zeros([BLOCK], tl.int32)
-    hi = tl.full([BLOCK], 0, tl.int32) + num_segments
+def _entries(idx, ok, owner_ptr, offsets_ptr, num_segments, num_experts, SEARCH_STEPS: tl.constexpr):
+    """Segment (int32) and owner slot of each entry, and whether its owner is known (< N or 255)."""
+    # The last s with offsets[s] <= idx. Invariant offsets[lo] <= idx < offsets[hi]; SEARCH_STEPS = ceil(log2 S)
+    # halvings leave hi = lo + 1 (once there, mid = lo and nothing changes).
+    lo = tl.zeros(idx.shape, tl.int32)
+    hi = tl.full(idx.shape, 0, tl.int32) + num_segments
     for _ in tl.static_range(SEARCH_STEPS):
         mid = (lo + hi) // 2
         start = tl.load(offsets_ptr + mid, mask=ok, other=0)
@@ -147,18 +171,13 @@ def _step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, owner_ptr, offsets_ptr, step_size_p
     owner = tl.load(owner_ptr + idx, mask=ok, other=SHARED).to(tl.int32)
     known = (owner < num_experts) | (owner == SHARED)
     slot = tl.where(owner == SHARED, num_experts, owner)
-    rule = lo * (num_experts + 1) + slot
-    live = ok & known
-    flags = tl.load(flags_ptr + rule, mask=live, other=0).to(tl.int32)
-    update = live & ((flags & _FLAG_UPDATE) != 0)
-    read_grad = update & ((flags & _FLAG_GRAD) != 0)
-    step_size = tl.load(step_size_ptr + rule, mask=update, other=0.0)
-    decay = tl.load(decay_ptr + rule, mask=update, other=0.0)
-    beta1 = tl.load(consts_ptr + 0)
-    beta2 = tl.load(consts_ptr + 1)
-    one_minus_beta1 = tl.load(consts_ptr + 2)
-    one_minus_beta2 = tl.load(consts_ptr + 3)
-    eps = tl.load(consts_ptr + 4)
+    return lo, slot, known
+
+
+@triton.jit
+def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, idx, update, read_grad, step_size, decay, beta1, beta2,
+                 one_minus_beta1, one_minus_beta2, eps):
+    """HF AdamW on the entries that step, in place; the others are neither read nor written."""
     # A masked-out gradient is never loaded: the select drops NaN/inf exactly like a copy that never saw it.
     grad = tl.load(g_ptr + idx, mask=read_grad, other=0.0)
     p = tl.load(p_ptr + idx, mask=update, other=0.0)
@@ -173,6 +192,106 @@ def _step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, owner_ptr, offsets_ptr, step_size_p
     tl.store(v_ptr + idx, v_new, mask=update)
 
 
+@triton.jit
+def _step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, owner_ptr, offsets_ptr, step_size_ptr, decay_ptr, flags_ptr,
+                 consts_ptr, numel, num_segments, num_experts,
+                 SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < numel
+    segment, slot, known = _entries(idx, ok, owner_ptr, offsets_ptr, num_segments, num_experts, SEARCH_STEPS)
+    rule = segment * (num_experts + 1) + slot
+    live = ok & known
+    flags = tl.load(flags_ptr + rule, mask=live, other=0).to(tl.int32)
+    update = live & ((flags & _FLAG_UPDATE) != 0)
+    read_grad = update & ((flags & _FLAG_GRAD) != 0)
+    step_size = tl.load(step_size_ptr + rule, mask=update, other=0.0)
+    decay = tl.load(decay_ptr + rule, mask=update, other=0.0)
+    _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, idx, update, read_grad, step_size, decay, tl.load(consts_ptr + 0),
+                 tl.load(consts_ptr + 1), tl.load(consts_ptr + 2), tl.load(consts_ptr + 3), tl.load(consts_ptr + 4))
+
+
+@triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "eps_bits"])
+def _fused_kernel(p_ptr, g_ptr, m_ptr, v_ptr, owner_ptr, offsets_ptr, steps_ptr, selected_ptr, weight_decay_ptr,
+                  arrived_ptr, numel, num_segments, num_experts, draws, num_programs,
+                  lr_bits, beta1_bits, beta2_bits, eps_bits, MOSA: tl.constexpr, ADVANCE: tl.constexpr,
+                  SEARCH_STEPS: tl.constexpr, SLOTS: tl.constexpr, BLOCK: tl.constexpr, RULES_BLOCK: tl.constexpr):
+    """The whole step in one launch (FSOSR_MASKED_ADAMW_TRITON_FUSED=1): each program computes the rules it needs
+    from the counters as they were before the step, and the last program to finish advances the counters."""
+    pid = tl.program_id(0)
+    lr = _as_f64(lr_bits)
+    beta1 = _as_f64(beta1_bits)
+    beta2 = _as_f64(beta2_bits)
+    eps = _as_f64(eps_bits)
+    out_ty = p_ptr.dtype.element_ty
+    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < numel
+    segment, slot, known = _entries(idx, ok, owner_ptr, offsets_ptr, num_segments, num_experts, SEARCH_STEPS)
+    live = ok & known
+    # The rules of this program's first segment, one lane per slot, picked per entry (one-hot over SLOTS lanes).
+    first = tl.min(tl.where(live, segment, num_segments), axis=0)
+    lane = tl.arange(0, SLOTS)
+    lane_ok = (lane <= num_experts) & (first < num_segments)
+    lane_t, lane_update, lane_size, lane_decay, lane_flags = _rule(steps_ptr, selected_ptr, weight_decay_ptr,
+                                                                   tl.zeros([SLOTS], tl.int32) + first, lane, lane_ok,
+                                                                   num_experts, draws, lr, beta1, beta2, MOSA, ADVANCE)
+    pick = (live & (segment == first))[:, None] & (slot[:, None] == lane[None, :])
+    step_size = tl.sum(tl.where(pick, lane_size.to(out_ty)[None, :], 0.0), axis=1)
+    decay = tl.sum(tl.where(pick, lane_decay.to(out_ty)[None, :], 0.0), axis=1)
+    flags = tl.sum(tl.where(pick, lane_flags[None, :], 0), axis=1)
+    # Entries past the first segment (a program that straddles segment boundaries): rules of their own.
+    later = live & (segment != first)
+    if tl.max(later.to(tl.int32), axis=0) > 0:
+        # (Triton types a name across both sides of an `if`: the unused results get names of their own.)
+        own_t, own_update, own_size, own_decay, own_flags = _rule(steps_ptr, selected_ptr, weight_decay_ptr, segment,
+                                                                  slot, later, num_experts, draws, lr, beta1, beta2,
+                                                                  MOSA, ADVANCE)
+        step_size = tl.where(later, own_size.to(out_ty), step_size)
+        decay = tl.where(later, own_decay.to(out_ty), decay)
+        flags = tl.where(later, own_flags, flags)
+    update = live & ((flags & _FLAG_UPDATE) != 0)
+    read_grad = update & ((flags & _FLAG_GRAD) != 0)
+    # beta1, beta2, 1 - beta1, 1 - beta2, eps rounded once to the parameter dtype, as the rules kernel does.
+    _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, idx, update, read_grad, step_size, decay, beta1.to(out_ty),
+                 beta2.to(out_ty), (1.0 - beta1).to(out_ty), (1.0 - beta2).to(out_ty), eps.to(out_ty))
+    if ADVANCE:
+        # Every program read the counters it needed above. The acq_rel increment orders those reads before it, so
+        # the last program to arrive (which has seen every other increment) writes the advanced counters after
+        # all of them, then re-arms the count for the next launch.
+        arrived = tl.atomic_add(arrived_ptr, 1, sem="acq_rel")
+        if arrived == num_programs - 1:
+            slots = num_experts + 1
+            num_pairs = num_segments * slots
+            for start in range(0, num_pairs, RULES_BLOCK):
+                pair = start + tl.arange(0, RULES_BLOCK)
+                pair_ok = pair < num_pairs
+                t, pair_update, pair_drawn = _counter(steps_ptr, selected_ptr, pair // slots, pair % slots, pair_ok,
+                                                      num_experts, draws, MOSA, ADVANCE)
+                tl.store(steps_ptr + pair, t, mask=pair_ok & pair_update)
+            tl.atomic_xchg(arrived_ptr, 0, sem="relaxed")
+
+
+def fused(num_experts: int) -> bool:
+    """Whether the step runs as one launch (``_fused_kernel``): ``FSOSR_MASKED_ADAMW_TRITON_FUSED=1`` (default 0
+    until it has run on a GPU), for at most FUSED_MAX_EXPERTS experts."""
+    setting = os.environ.get(FUSED_VARIABLE, "0")
+    if setting not in ("0", "1"):
+        raise ValueError(f"{FUSED_VARIABLE} must be 0 or 1, got {setting!r}")
+    return setting == "1" and num_experts <= FUSED_MAX_EXPERTS
+
+
+def _arrival_counter(device: torch.device) -> torch.Tensor:
+    """The fused kernel's arrival count on this device: int32, zero between launches (the last program re-arms
+    it). One per device, so two fused steps must not run concurrently on one device (on two streams)."""
+    counter = _ARRIVAL_COUNTERS.get(device)
+    if counter is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("masked_adamw_ (fused triton step): run one step before capturing it in a CUDA graph, "
+                               "so that its arrival counter is allocated outside the capture")
+        counter = _ARRIVAL_COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
 def masked_adamw(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offsets, selected, weight_decay,
                  lr: float, beta1: float, beta2: float, eps: float, semantics: int, advance_steps: bool) -> None:
     """In place on params, exp_avg, exp_avg_sq (fp32 or fp64 [P]) and, when advance_steps, steps (int64 [S, N+1]).
@@ -185,6 +304,17 @@ def masked_adamw(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offse
     num_pairs = steps.numel()
     draws = selected.shape[1] if selected.dim() == 2 else 1
     device, dtype = params.device, params.dtype
+    numel = params.numel()
+    search_steps = math.ceil(math.log2(num_segments)) if num_segments > 1 else 0
+    if num_pairs and fused(num_experts):
+        programs = max(1, triton.cdiv(numel, BLOCK))       # one even without entries: it advances the counters
+        _fused_kernel[(programs,)](
+            params, grads, exp_avg, exp_avg_sq, owner, segment_offsets, steps, selected, weight_decay,
+            _arrival_counter(device) if advance_steps else steps, numel, num_segments, num_experts, draws, programs,
+            _bits(lr), _bits(beta1), _bits(beta2), _bits(eps), MOSA=semantics == 0, ADVANCE=bool(advance_steps),
+            SEARCH_STEPS=search_steps, SLOTS=triton.next_power_of_2(num_experts + 1), BLOCK=BLOCK,
+            RULES_BLOCK=RULES_BLOCK, num_warps=4)
+        return
     step_size = torch.empty(num_pairs, dtype=dtype, device=device)
     decay = torch.empty(num_pairs, dtype=dtype, device=device)
     flags = torch.empty(num_pairs, dtype=torch.int8, device=device)
@@ -195,10 +325,8 @@ def masked_adamw(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offse
         steps, selected, weight_decay, step_size, decay, flags, consts, num_pairs, num_experts, draws,
         _bits(lr), _bits(beta1), _bits(beta2), _bits(eps),
         MOSA=semantics == 0, ADVANCE=bool(advance_steps), BLOCK=RULES_BLOCK, num_warps=4)
-    numel = params.numel()
     if numel == 0:
         return
-    search_steps = math.ceil(math.log2(num_segments)) if num_segments > 1 else 0
     _step_kernel[(triton.cdiv(numel, BLOCK),)](
         params, grads, exp_avg, exp_avg_sq, owner, segment_offsets, step_size, decay, flags, consts,
         numel, num_segments, num_experts, SEARCH_STEPS=search_steps, BLOCK=BLOCK, num_warps=4)

@@ -56,7 +56,8 @@ bitwise reproducible run to run):
   operations, same bits as the scalar loop).
 - ``cuda`` (``fsosr::masked_adamw_`` on CUDA tensors, csrc/cuda/masked_adamw*.cu): a rules kernel, then one
   grid-stride pass; each entry finds its segment by binary search over ``segment_offsets``.
-- ``triton`` (``fsosr::masked_adamw_triton_``, kernels/masked_adamw.py): the same two launches in Triton.
+- ``triton`` (``fsosr::masked_adamw_triton_``, kernels/masked_adamw.py): the same two launches in Triton (one with
+  ``FSOSR_MASKED_ADAMW_TRITON_FUSED=1``, opt-in until it has run on a GPU).
 - ``reference``: plain PyTorch (the oracle).
 """
 from __future__ import annotations
