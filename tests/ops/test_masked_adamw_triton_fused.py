@@ -155,3 +155,16 @@ def test_gpu_fused_step_in_a_cuda_graph_equals_two_launches(monkeypatch, semanti
                     (eager_args[0], eager_args[2], eager_args[3], eager_kwargs["step"])):
         assert torch.equal(x, y)
 
+
+
+@pytest.mark.parametrize("advance", [True, False])
+def test_fused_step_passes_opcheck(monkeypatch, kernels, advance):
+    """The registered op with the fused step: schema (its arrival count is internal and re-armed, not an argument),
+    fake tensors, autograd registration, torch.compile."""
+    monkeypatch.setenv("FSOSR_MASKED_ADAMW_TRITON_FUSED", "1")
+    args, kwargs = _clone(*big_inputs(n=5000), DEVICE)
+    params, grads, exp_avg, exp_avg_sq, owner, selected = args
+    steps = kwargs["step"] + (0 if advance else 1)
+    torch.library.opcheck(torch.ops.fsosr.masked_adamw_triton_,
+                          (params, exp_avg, exp_avg_sq, steps, grads, owner, kwargs["segment_offsets"], selected,
+                           kwargs["weight_decay"], 1e-3, 0.9, 0.999, 1e-6, 0, advance))
