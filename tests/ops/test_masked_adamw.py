@@ -468,23 +468,29 @@ def test_gpu_bad_owner_checked_on_request_and_harmless_otherwise(backend):
     assert args[0][777] == before[777] and not torch.equal(args[0], before)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_gpu_cuda_graph_capture_and_replay(backend):
-    args, kwargs = big_inputs(n=100_003)
-    args, kwargs = _clone(args, kwargs, "cuda")
+def assert_graph_replays_match_eager(capture_step, eager_step, args, kwargs, replays=3):
+    """capture_step captured in a CUDA graph (after a warm-up call on copies: compiles, loads and allocates outside
+    the capture) and replayed `replays` times, against eager_step run as often on copies of the same CUDA inputs:
+    params, moments and counters bit for bit."""
     eager_args, eager_kwargs = _clone(args, kwargs)
-    step = lambda a, k: masked_adamw_(*a, **k, backend=backend, validate=False)  # noqa: E731
     warm_args, warm_kwargs = _clone(args, kwargs)
-    step(warm_args, warm_kwargs)                          # compile / load outside the capture
+    capture_step(warm_args, warm_kwargs)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step(args, kwargs)
-    for _ in range(3):
+        capture_step(args, kwargs)
+    for _ in range(replays):
         graph.replay()
-        step(eager_args, eager_kwargs)
+        eager_step(eager_args, eager_kwargs)
     torch.cuda.synchronize()
     for x, y in zip((args[0], args[2], args[3], kwargs["step"]),
                     (eager_args[0], eager_args[2], eager_args[3], eager_kwargs["step"])):
         assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_cuda_graph_capture_and_replay(backend):
+    args, kwargs = _clone(*big_inputs(n=100_003), "cuda")
+    step = lambda a, k: masked_adamw_(*a, **k, backend=backend, validate=False)  # noqa: E731
+    assert_graph_replays_match_eager(step, step, args, kwargs)

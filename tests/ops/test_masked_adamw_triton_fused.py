@@ -10,7 +10,7 @@ import torch
 
 from fsosr import testing
 from fsosr.ops.masked_adamw import masked_adamw_
-from tests.ops.test_masked_adamw import SEMANTICS, Model, _clone, big_inputs, run
+from tests.ops.test_masked_adamw import SEMANTICS, Model, _clone, assert_graph_replays_match_eager, big_inputs, run
 
 DEVICE = testing.device_under_test()
 pytestmark = pytest.mark.skipif("triton" not in testing.backends_under_test(DEVICE, ("triton",)),
@@ -136,25 +136,13 @@ def test_fused_setting_is_checked(monkeypatch, kernels):
 def test_gpu_fused_step_in_a_cuda_graph_equals_two_launches(monkeypatch, semantics):
     """Compiled, with 1,000 programs racing for the arrival counter: captured in a CUDA graph and replayed 5 times
     (counters advancing each time) against the two-launch step run eagerly, bit for bit."""
+    def step(fused):
+        def run(a, k):
+            monkeypatch.setenv("FSOSR_MASKED_ADAMW_TRITON_FUSED", "1" if fused else "0")
+            masked_adamw_(*a, **k, semantics=semantics, backend="triton", validate=False)
+        return run
     args, kwargs = _clone(*big_inputs(n=1_000_003), "cuda")
-    eager_args, eager_kwargs = _clone(args, kwargs)
-    monkeypatch.setenv("FSOSR_MASKED_ADAMW_TRITON_FUSED", "1")
-    step = lambda a, k: masked_adamw_(*a, **k, semantics=semantics, backend="triton", validate=False)  # noqa: E731
-    warm_args, warm_kwargs = _clone(args, kwargs)
-    step(warm_args, warm_kwargs)                        # compile and allocate the counter outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(args, kwargs)
-    monkeypatch.setenv("FSOSR_MASKED_ADAMW_TRITON_FUSED", "0")
-    for _ in range(5):
-        graph.replay()
-        step(eager_args, eager_kwargs)
-    torch.cuda.synchronize()
-    for x, y in zip((args[0], args[2], args[3], kwargs["step"]),
-                    (eager_args[0], eager_args[2], eager_args[3], eager_kwargs["step"])):
-        assert torch.equal(x, y)
-
+    assert_graph_replays_match_eager(step(True), step(False), args, kwargs, replays=5)
 
 
 @pytest.mark.parametrize("advance", [True, False])
