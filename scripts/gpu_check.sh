@@ -76,7 +76,7 @@ if want bench; then
 fi
 if want tune; then   # launch options of the triton moe_mlp kernels (benchmarks/test_moe_mlp_tuning.py)
   say "triton launch-option sweep"
-  FSOSR_BENCH_ROUNDS=${FSOSR_BENCH_ROUNDS:-30} timeout -s INT -k 20 "$(limit 240)" \
+  FSOSR_BENCH_ROUNDS=${FSOSR_BENCH_ROUNDS:-30} timeout -s INT -k 20 "$(limit 300)" \
     $PY -m pytest benchmarks/test_moe_mlp_tuning.py -q -p no:cacheprovider -p no:xdist \
     --benchmark-json="$OUT_DIR/tune.json" > "$OUT_DIR/tune.log" 2>&1
   echo "   rc=$? $(tail -1 "$OUT_DIR/tune.log")"
