@@ -16,8 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_moe_mlp as tm  # noqa: E402
 import test_masked_adamw as ta  # noqa: E402
-from conftest import device_time, environment, flush_l2  # noqa: E402
-from fsosr.ops.masked_adamw import masked_adamw_  # noqa: E402
+from conftest import device_time, flush_l2  # noqa: E402
 
 
 def timed(fn, n=20):
@@ -51,16 +50,11 @@ def profile_moe_mlp() -> None:
 def profile_masked_adamw() -> None:
     for size, blocks in ta.SIZES.items():
         g = torch.Generator().manual_seed(0)
-        params, grads, exp_avg, exp_avg_sq, owner, selected, offsets, steps, wd = ta.flat_inputs(g, blocks)
+        inputs = ta.flat_inputs(g, blocks)
+        params = inputs[0]
         floor_bytes = params.numel() * ta.FLOOR_BYTES_PER_ENTRY
         for provider in ["cuda", "triton", "triton-fused"]:   # triton-fused: one launch (test_masked_adamw.py)
-            backend, _, variant = provider.partition("-")
-            variables = {"FSOSR_MASKED_ADAMW_TRITON_FUSED": "1" if variant == "fused" else "0"}
-
-            def fn(backend=backend, variables=variables):
-                with environment(variables):
-                    masked_adamw_(params, grads, exp_avg, exp_avg_sq, owner, selected, lr=1e-3, weight_decay=wd,
-                                  step=steps, semantics="mosa", segment_offsets=offsets, backend=backend)
+            fn = ta.flat_step(provider, inputs)
             try:
                 ms = timed(fn, 50)
             except Exception as e:  # noqa: BLE001

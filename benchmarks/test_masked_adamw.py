@@ -97,6 +97,20 @@ def flat_inputs(g, blocks=BLOCKS):
     return params, grads, exp_avg, exp_avg_sq, owner, selected, offsets, steps, wd
 
 
+def flat_step(provider: str, inputs):
+    """One fused step over flat_inputs' buffers by `provider` (a backend, or triton-fused: the triton step as one
+    launch)."""
+    params, grads, exp_avg, exp_avg_sq, owner, selected, offsets, steps, wd = inputs
+    backend, _, variant = provider.partition("-")
+    variables = {"FSOSR_MASKED_ADAMW_TRITON_FUSED": "1" if variant == "fused" else "0"}
+
+    def step():
+        with environment(variables):
+            masked_adamw_(params, grads, exp_avg, exp_avg_sq, owner, selected, lr=LR, betas=BETAS, eps=EPS,
+                          weight_decay=wd, step=steps, semantics="mosa", segment_offsets=offsets, backend=backend)
+    return step
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("size", list(SIZES))
 def test_masked_adamw(benchmark, size, provider):
@@ -118,18 +132,11 @@ def test_masked_adamw(benchmark, size, provider):
             opt.step()
         n_entries = sum(p.numel() for p in params)
     else:
-        params, grads, exp_avg, exp_avg_sq, owner, selected, offsets, steps, wd = flat_inputs(g, blocks)
-        backend, _, variant = provider.removesuffix("-graph").partition("-")
-        variables = {"FSOSR_MASKED_ADAMW_TRITON_FUSED": "1" if variant == "fused" else "0"}
-
-        def fn():
-            with environment(variables):
-                masked_adamw_(params, grads, exp_avg, exp_avg_sq, owner, selected, lr=LR, betas=BETAS, eps=EPS,
-                              weight_decay=wd, step=steps, semantics="mosa", segment_offsets=offsets,
-                              backend=backend)
+        inputs = flat_inputs(g, blocks)
+        fn = flat_step(provider.removesuffix("-graph"), inputs)
         if provider.endswith("-graph"):
             fn = cuda_graphed(fn)
-        n_entries = params.numel()
+        n_entries = inputs[0].numel()
     measure(benchmark, fn, group=f"masked_adamw ViT-B/16 adapters blocks={blocks} N={N} d={D} r={R} split=up",
             provider=provider, baseline="mosa_loop",
             info={"op": "masked_adamw_", "blocks": blocks, "experts": N, "d": D, "r": R, "dtype": "float32",
