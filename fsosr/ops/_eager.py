@@ -42,7 +42,15 @@ def register_autograd(name: str, formulas: tuple[Callable, Callable]) -> None:
     """Register ``formulas`` = (setup_context, backward) as the autograd of the torch.library op ``name``: the
     same pair :func:`eager_autograd` takes, so both routes share one definition."""
     setup_context, backward = formulas
-    torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+    def setup_without_materialized_grads(ctx, inputs, output):
+        # Without this, autograd hands the backward a zero-filled tensor for every output nobody differentiated
+        # (topk_route's 7 unused outputs, moe_mlp's saved pre-activations: 8 fills per MoE layer step, each a
+        # kernel launch on CUDA); the formulas take None, as on the eager path.
+        ctx.set_materialize_grads(False)
+        setup_context(ctx, inputs, output)
+
+    torch.library.register_autograd(name, backward, setup_context=setup_without_materialized_grads)
 
 
 def use_eager_path() -> bool:

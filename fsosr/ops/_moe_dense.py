@@ -38,16 +38,18 @@ def moe_mlp_per_expert_input_dense(x: torch.Tensor, indices: torch.Tensor, gates
     x, w1, b1, w2, b2 = (t.to(acc) for t in (x, w1, b1, w2, b2))
     num_experts, num_units, _ = x.shape
     k, hidden_width = indices.shape[1], w1.shape[2]
+    slots = indices.long()
+    # Few, large kernels: on the H100 host each small torch op costs 25-40 us of host time, which at this form's
+    # sizes outweighs its device time (the step is host-bound), so masks and gates are built with one scatter each.
     hidden = reference.ACTIVATIONS[activation](torch.baddbmm(b1[:, None, :], x, w1))       # [E, B, h]
     if dropout > 0:
         keep = reference.dropout_keep_mask(seed, dropout, num_units, k, 1, hidden_width, x.device)[:, :, 0]
-        # Expert e of unit b takes the mask of the slot j that picked it (the rows no slot picked get gate 0).
-        rows = torch.arange(num_units, device=x.device)
-        mask = torch.zeros(num_experts, num_units, hidden_width, dtype=hidden.dtype, device=x.device)
-        for j in range(k):
-            mask[indices[:, j].long(), rows] = keep[:, j].to(hidden.dtype)
-        hidden = hidden * (mask / (1.0 - dropout))
+        # Expert e of unit b takes the mask of the slot j that picked it; experts no slot picked keep zeros (their
+        # gate is 0 too). Top-k indices of a unit are distinct, so the scatter writes each element at most once.
+        mask = hidden.new_zeros(num_units, num_experts, hidden_width).scatter_(
+            1, slots[:, :, None].expand(num_units, k, hidden_width), keep.to(acc) / (1.0 - dropout))
+        hidden = hidden * mask.transpose(0, 1)
     out = torch.baddbmm(b2[:, None, :], hidden, w2)                                       # [E, B, d_out]
-    dense_gates = torch.zeros(num_units, num_experts, dtype=acc, device=x.device).scatter(
-        1, indices.long(), gates.to(acc))
-    return (scale * torch.einsum("be,ebo->bo", dense_gates, out)).to(out_dtype)
+    scaled_gates = torch.zeros(num_units, num_experts, dtype=acc, device=x.device).scatter(
+        1, slots, gates.to(acc) * scale)
+    return torch.einsum("be,ebo->bo", scaled_gates, out).to(out_dtype)

@@ -57,6 +57,8 @@ def _autograd_formulas(backward_op):
         ctx.options = options  # group_size, activation, scale, dropout, seed_key, per_expert_input
 
     def backward(ctx, grad_y, _grad_hidden_pre):
+        if grad_y is None:   # undefined: nothing differentiated y (gradients are not materialised, _eager.py)
+            return (None,) * 15
         x, indices, gates, order, offsets, w1, b1, w2, b2, hidden_pre = ctx.saved_tensors
         grads = backward_op(grad_y.contiguous(), x, indices, gates, order, offsets, w1, b1, w2, b2, hidden_pre,
                             *ctx.options)

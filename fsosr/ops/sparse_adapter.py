@@ -165,6 +165,8 @@ def _weight_formulas(backward_op):
         ctx.has_rest = w_rest is not None
 
     def backward(ctx, grad):
+        if grad is None:   # undefined output gradient (not materialised, fsosr/ops/_eager.py)
+            return None, None, None, None
         owner, expert = ctx.saved_tensors
         rest_grad = ctx.has_rest and ctx.needs_input_grad[2]
         own, rest = backward_op(grad.contiguous(), owner, expert, rest_grad)
@@ -181,6 +183,8 @@ def _linear_formulas(backward_op):
         ctx.has_rest, ctx.has_bias = w_rest is not None, bias is not None
 
     def backward(ctx, grad_y):
+        if grad_y is None:   # undefined output gradient (not materialised, fsosr/ops/_eager.py)
+            return (None,) * 6
         x, w_own, w_rest, owner, expert = ctx.saved_tensors
         needs = ctx.needs_input_grad
         rest_grad, bias_grad = ctx.has_rest and needs[2], ctx.has_bias and needs[5]
