@@ -37,6 +37,16 @@ struct SlotRule {
   scalar_t decay;      // lr * weight_decay, applied to the parameter after the Adam step
 };
 
+// The moment coefficients in the parameters' dtype. 1 - beta is the double 1 - beta rounded once, as HF AdamW's
+// `alpha=1 - beta1` and the cuda/triton kernels have it: in fp32, 1.f - float(0.9999) is 1.66e-4 too large.
+template <typename scalar_t>
+struct Moments {
+  scalar_t beta1, beta2, one_minus_beta1, one_minus_beta2, eps;
+  Moments(double b1, double b2, double e)
+      : beta1(scalar_t(b1)), beta2(scalar_t(b2)), one_minus_beta1(scalar_t(1.0 - b1)),
+        one_minus_beta2(scalar_t(1.0 - b2)), eps(scalar_t(e)) {}
+};
+
 // Advances the per-(segment, slot) step counters (HF AdamW's state["step"] of each dense tensor the slot stands
 // for) and returns the rule for every slot. steps is [S, N + 1] and is only written when advance is true.
 template <typename scalar_t>
@@ -71,10 +81,9 @@ std::vector<SlotRule<scalar_t>> slot_rules(int64_t* steps, const int64_t* select
 // exactly as a dense copy that never saw that gradient would.
 template <typename scalar_t>
 void update_range(scalar_t* p, scalar_t* m, scalar_t* v, const scalar_t* g, const uint8_t* owner, int64_t begin,
-                  int64_t end, const SlotRule<scalar_t>* rules, int64_t num_experts, scalar_t beta1, scalar_t beta2,
-                  scalar_t eps) {
-  const scalar_t one_minus_beta1 = scalar_t(1) - beta1;
-  const scalar_t one_minus_beta2 = scalar_t(1) - beta2;
+                  int64_t end, const SlotRule<scalar_t>* rules, int64_t num_experts, const Moments<scalar_t>& c) {
+  const scalar_t beta1 = c.beta1, beta2 = c.beta2, one_minus_beta1 = c.one_minus_beta1, eps = c.eps;
+  const scalar_t one_minus_beta2 = c.one_minus_beta2;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t slot = owner[i] == kShared ? num_experts : owner[i];
     const SlotRule<scalar_t>& rule = rules[slot];
@@ -112,9 +121,9 @@ SlotTables slot_tables(const std::vector<SlotRule<float>>& rules) {
 __attribute__((target("avx2"))) int64_t update_range_avx2(float* p, float* m, float* v, const float* g,
                                                            const uint8_t* owner, int64_t begin, int64_t end,
                                                            const SlotTables& t, int64_t table_offset,
-                                                           int64_t num_experts, float beta1, float beta2, float eps) {
-  const __m256 b1 = _mm256_set1_ps(beta1), b2 = _mm256_set1_ps(beta2), e = _mm256_set1_ps(eps);
-  const __m256 ob1 = _mm256_set1_ps(1.f - beta1), ob2 = _mm256_set1_ps(1.f - beta2);
+                                                           int64_t num_experts, const Moments<float>& c) {
+  const __m256 b1 = _mm256_set1_ps(c.beta1), b2 = _mm256_set1_ps(c.beta2), e = _mm256_set1_ps(c.eps);
+  const __m256 ob1 = _mm256_set1_ps(c.one_minus_beta1), ob2 = _mm256_set1_ps(c.one_minus_beta2);
   const __m256i shared = _mm256_set1_epi32(int(kShared)), shared_slot = _mm256_set1_epi32(int(num_experts));
   const float* ss = t.step_size.data() + table_offset;
   const float* dc = t.decay.data() + table_offset;
@@ -155,7 +164,7 @@ bool has_avx2() {
 // fp64 has no vector path (it only serves the reference tests): the scalar loop does every entry.
 SlotTables slot_tables(const std::vector<SlotRule<double>>&) { return {}; }
 int64_t update_range_avx2(double*, double*, double*, const double*, const uint8_t*, int64_t begin, int64_t,
-                          const SlotTables&, int64_t, int64_t, double, double, double) {
+                          const SlotTables&, int64_t, int64_t, const Moments<double>&) {
   return begin;
 }
 #endif
@@ -223,6 +232,7 @@ void masked_adamw_cpu(at::Tensor params, at::Tensor exp_avg, at::Tensor exp_avg_
     const auto rules = slot_rules<scalar_t>(steps.data_ptr<int64_t>(), selected.data_ptr<int64_t>(), draws,
                                             weight_decay.data_ptr<double>(), num_segments, num_experts, semantics,
                                             advance_steps, lr, beta1, beta2);
+    const Moments<scalar_t> moments(beta1, beta2, eps);
 #if defined(__x86_64__) && defined(__GNUC__)
     const SlotTables tables = slot_tables(rules);
 #endif
@@ -244,11 +254,11 @@ void masked_adamw_cpu(at::Tensor params, at::Tensor exp_avg, at::Tensor exp_avg_
 #if defined(__x86_64__) && defined(__GNUC__)
           if (has_avx2()) {
             first = update_range_avx2(p, m, v, g, owners, first, last, tables, s * (num_experts + 1), num_experts,
-                                      scalar_t(beta1), scalar_t(beta2), scalar_t(eps));
+                                      moments);
           }
 #endif
           update_range<scalar_t>(p, m, v, g, owners, first, last, rules.data() + s * (num_experts + 1), num_experts,
-                                 scalar_t(beta1), scalar_t(beta2), scalar_t(eps));
+                                 moments);
         }
       }
     });

@@ -62,6 +62,7 @@ bitwise reproducible run to run):
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -112,6 +113,8 @@ def _segments(params, selected, segment_offsets, weight_decay):
     if not isinstance(segment_offsets, torch.Tensor) or segment_offsets.dtype != torch.int64:
         raise TypeError("masked_adamw_: segment_offsets must be an int64 tensor [S+1]")
     n_segments = segment_offsets.numel() - 1
+    if segment_offsets.dim() != 1 or n_segments < 0:
+        raise ValueError(f"masked_adamw_: segment_offsets must be 1-D [S+1], got {tuple(segment_offsets.shape)}")
     if isinstance(selected, int) and not isinstance(selected, bool):
         selected = torch.full((n_segments,), selected, dtype=torch.int64, device=device)
     if not isinstance(selected, torch.Tensor) or selected.dtype != torch.int64:
@@ -138,6 +141,22 @@ def _steps(step, n_segments, num_experts, device):
     if not isinstance(num_experts, int) or not 1 <= num_experts <= 254:
         raise ValueError(f"masked_adamw_: an int step needs num_experts in [1, 254], got {num_experts!r}")
     return torch.full((n_segments, num_experts + 1), step, dtype=torch.int64, device=device), False
+
+
+def _check_hyperparameters(lr, betas, eps) -> tuple[float, float, float, float]:
+    """(lr, beta1, beta2, eps) as floats; the ranges HF's and torch's AdamW accept (their messages' sense)."""
+    lr, eps = float(lr), float(eps)
+    if len(betas) != 2:
+        raise ValueError(f"masked_adamw_: betas must be a pair (beta1, beta2), got {betas!r}")
+    beta1, beta2 = (float(b) for b in betas)
+    if not (math.isfinite(lr) and lr >= 0.0):
+        raise ValueError(f"masked_adamw_: lr must be finite and >= 0, got {lr}")
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"masked_adamw_: {name} must be in [0, 1), got {beta}")
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise ValueError(f"masked_adamw_: eps must be finite and >= 0, got {eps}")
+    return lr, beta1, beta2, eps
 
 
 def _check_layout(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offsets, selected,
@@ -224,18 +243,23 @@ def masked_adamw_(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tens
         raise TypeError(f"masked_adamw_: params must be a tensor, got {type(params).__name__}")
     if semantics not in SEMANTICS:
         raise ValueError(f"masked_adamw_: semantics must be one of {', '.join(SEMANTICS)}, got {semantics!r}")
+    for name, t in (("grads", grads), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("owner", owner)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"masked_adamw_: {name} must be a tensor, got {type(t).__name__}")
+    lr, beta1, beta2, eps = _check_hyperparameters(lr, betas, eps)
     chosen = backends.resolve("masked_adamw_", backend, params.device, IMPLEMENTED)
     segment_offsets, selected, weight_decay = _segments(params, selected, segment_offsets, weight_decay)
     steps, advance = _steps(step, segment_offsets.numel() - 1, num_experts, params.device)
-    beta1, beta2 = (float(b) for b in betas)
     tensors = (params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offsets, selected, weight_decay)
     if any(not t.is_contiguous() for t in tensors):
         raise ValueError("masked_adamw_: every buffer must be contiguous (it is updated in place)")
-    scalars = (float(lr), beta1, beta2, float(eps), SEMANTICS.index(semantics), advance)
-    if chosen == "cpu":
-        torch.ops.fsosr.masked_adamw_(*tensors, *scalars)  # the C++ kernel checks everything itself
-        return
+    scalars = (lr, beta1, beta2, eps, SEMANTICS.index(semantics), advance)
+    # Also for cpu, whose C++ kernel checks everything again: a buffer on another device (meta, say) would route
+    # the call past it to the fake kernel, a silent no-op.
     _check_layout(*tensors)
+    if chosen == "cpu":
+        torch.ops.fsosr.masked_adamw_(*tensors, *scalars)  # the C++ kernel checks the values as it reads them
+        return
     if chosen == "reference" or _should_validate(validate, params):
         _check_values(params, steps, owner, segment_offsets, selected)
     if chosen == "cuda":

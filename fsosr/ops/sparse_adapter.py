@@ -89,6 +89,9 @@ def _expert_tensor(op: str, expert, device: torch.device) -> torch.Tensor:
         if expert.device.type != "cpu" and expert.device != device:
             raise ValueError(f"{op}: expert is on {expert.device}; put it on the CPU or on the weights' device "
                              f"{device}")
+        if expert.device.type == "cpu" and not torch.compiler.is_compiling():   # a host read costs nothing here
+            if not 0 <= int(expert) < MAX_EXPERTS:
+                raise ValueError(f"{op}: expert must be in [0, {MAX_EXPERTS - 1}], got {int(expert)}")
         return expert if expert.dtype == torch.int64 else expert.to(torch.int64)
     if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < MAX_EXPERTS:
         raise ValueError(f"{op}: expert must be an int in [0, {MAX_EXPERTS - 1}], got {expert!r}")
@@ -100,7 +103,8 @@ def _expert_tensor(op: str, expert, device: torch.device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 def _reference_weight(w_own, owner, w_rest, expert):
     rest = w_rest if w_rest is not None else w_own.new_zeros(())
-    return torch.where(owner == expert.to(owner.device), w_own, rest)
+    # Compared as integers, as the kernels do (uint8 == a 0-d int64 tensor would wrap the expert to uint8).
+    return torch.where(owner.long() == expert.to(owner.device), w_own, rest)
 
 
 def _reference_linear(x, w_own, w_rest, owner, expert, bias):
@@ -305,7 +309,7 @@ def sparse_adapter_weight(w_own: torch.Tensor, owner: torch.Tensor, w_rest: torc
     expert = _expert_tensor(op, expert, w_own.device)
     chosen = backends.resolve(op, backend, w_own.device, implemented=_IMPLEMENTED)
     if chosen == "reference":
-        return _reference_weight(w_own, owner, w_rest, expert)
+        return _reference_weight(w_own, owner, w_rest, expert).contiguous()
     return _weight_op(chosen)(w_own.contiguous(), owner.contiguous(),
                               None if w_rest is None else w_rest.contiguous(), expert)
 

@@ -61,6 +61,7 @@ def test_row_and_column_partitions_split_each_line_evenly(mode, dim):
     owner = partition_owner((8, 12), 4, mode=mode, generator=torch.Generator().manual_seed(3))
     counts = F.one_hot(owner.long(), 4).sum(dim)  # [lines, N]
     per_line = owner.shape[dim] // 4
+    assert owner.is_contiguous()     # the native ops would copy a strided map on every call
     assert torch.equal(counts, torch.full_like(counts, per_line))
     scores = torch.rand((8, 12), generator=torch.Generator().manual_seed(3))
     lines = zip(scores, owner) if mode == "row" else zip(scores.t(), owner.t())
@@ -114,6 +115,13 @@ def test_dense_round_trip_is_lossless_and_rejects_foreign_copies():
     weights, biases = plain.down.to_dense_experts()
     plain.down.from_dense_experts(weights.clone(), biases)  # rest_scale 1: bitwise round trip
     assert torch.equal(plain.down.to_dense_experts()[0], weights)
+    with torch.no_grad():                                   # a diverged expert: NaN in entries it owns
+        diverged = _adapter("down")
+        diverged.down.w_own[diverged.down.owner == 0] = float("nan")
+    nan_weights, nan_biases = diverged.down.to_dense_experts()
+    plain.down.from_dense_experts(nan_weights, nan_biases, owner=diverged.down.owner)   # NaN matches NaN
+    assert torch.equal(plain.down.w_own.isnan(), diverged.down.owner == 0)
+    plain.down.from_dense_experts(weights.clone(), biases)
     weights[2][plain.down.owner != 2] += 1.0  # expert 2 strays on entries it does not own
     with pytest.raises(ValueError, match="weights"):
         plain.down.from_dense_experts(weights, biases)

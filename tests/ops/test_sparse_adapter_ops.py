@@ -254,6 +254,11 @@ def test_errors_name_the_argument(backend):
         sparse_adapter_weight(w_own, owner, w_rest, torch.tensor(1.0), backend=backend)
     with pytest.raises(ValueError, match="expert is on meta"):
         sparse_adapter_weight(w_own, owner, w_rest, torch.tensor(1, device="meta"), backend=backend)
+    for expert in (256, -1, 257):   # a CPU tensor is range-checked like an int (uint8 would wrap it to 0, 255, 1)
+        with pytest.raises(ValueError, match=r"expert must be in \[0, 255\]"):
+            sparse_adapter_weight(w_own, owner, w_rest, torch.tensor(expert), backend=backend)
+        with pytest.raises(ValueError, match=r"expert must be in \[0, 255\]"):
+            sparse_linear(x, w_own, w_rest, owner, torch.tensor(expert, dtype=torch.int32), bias, backend=backend)
     if backend != "reference":
         with pytest.raises(TypeError, match="takes x in w_own's dtype"):
             sparse_linear(x.double(), w_own, w_rest, owner, 0, bias, backend=backend)
@@ -313,3 +318,12 @@ def test_gpu_cuda_graph_capture_and_replay(backend):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, run())
+
+
+@pytest.mark.parametrize("backend", ["reference"] + NATIVE)
+def test_weight_is_contiguous_for_strided_inputs(backend):
+    """A column-partition owner map is built transposed; every backend returns a contiguous weight all the same."""
+    _, w_own, w_rest, owner, _ = (t.detach() for t in make_inputs(4, 6, 5, 3, seed=4))
+    w = sparse_adapter_weight(w_own.t(), owner.t(), w_rest.t(), 1, backend=backend)
+    assert w.is_contiguous() and w.shape == (5, 6)
+    assert torch.equal(w, torch.where(owner.t() == 1, w_own.t(), w_rest.t()))
