@@ -47,7 +47,7 @@ import triton.language as tl
 
 from . import moe_mlp_units
 from .moe_mlp_device import _activation, _activation_grad, _dropout_multiplier, _hidden, _mma, _num_warps, \
-    _pow2_at_least_16, _upcast, launch_options, tuning
+    _pow2_at_least_16, _upcast, dropout_arguments, launch_options, tuning
 
 # Fixed configs (multi-config autotune does not run in the interpreter). tl.dot needs every dim >= 16 compiled,
 # so the hidden width and the chunk widths are padded up to at least 16.
@@ -100,7 +100,7 @@ def _routed_rows(start, limit, order_ptr, indices_ptr, gates_ptr, num_units, k, 
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _forward_kernel(x_ptr, indices_ptr, gates_ptr, order_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pre_ptr, out_ptr,
-                    num_rows, num_units, k, G, d, h, d_out, num_experts, scale, dropout, seed_key,
+                    num_rows, num_units, k, G, d, h, d_out, num_experts, scale, dropout, keep_scale, seed_key,
                     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, PER_EXPERT: tl.constexpr,
                     PER_SLOT_OUT: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr):
@@ -128,7 +128,8 @@ def _forward_kernel(x_ptr, indices_ptr, gates_ptr, order_ptr, w1_ptr, b1_ptr, w2
             # Padded hidden columns stay 0 (zero weights and bias; act(0) = 0 for every activation).
             pre = acc + tl.load(b1_ptr + e * h + hcol, mask=h_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(pre_ptr + slot_row[:, None] * h + hcol[None, :], pre, mask=rows[:, None] & h_ok[None, :])
-            hid = _hidden(pre, slot_row[:, None] * h + hcol[None, :], seed_key, dropout, ACT, HAS_DROPOUT)
+            hid = _hidden(pre, slot_row[:, None] * h + hcol[None, :], seed_key, dropout, keep_scale, ACT,
+                          HAS_DROPOUT)
             hid = hid.to(w2_ptr.dtype.element_ty)
             for n0 in range(0, d_out, BLOCK_N):
                 ncol = n0 + tl.arange(0, BLOCK_N)
@@ -161,7 +162,8 @@ def _sum_slots_kernel(slots_ptr, out_ptr, num_elements, k, G, width, BLOCK: tl.c
 @triton.jit
 def _backward_rows_kernel(dy_ptr, indices_ptr, gates_ptr, order_ptr, w1_ptr, w2_ptr, b2_ptr, pre_ptr,
                           dpre_ptr, hid_ptr, gate_part_ptr, dx_ptr,
-                          num_rows, num_units, k, G, d, h, d_out, num_experts, scale, dropout, seed_key,
+                          num_rows, num_units, k, G, d, h, d_out, num_experts, scale, dropout, keep_scale,
+                          seed_key,
                           ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, PER_EXPERT: tl.constexpr,
                           PER_SLOT_OUT: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -202,9 +204,10 @@ def _backward_rows_kernel(dy_ptr, indices_ptr, gates_ptr, order_ptr, w1_ptr, w2_
             act = _activation(pre, ACT)
             dact = _activation_grad(pre, ACT)
             if HAS_DROPOUT:
-                keep_scale = _dropout_multiplier(slot_row[:, None] * h + hcol[None, :], seed_key, dropout)
-                act = act * keep_scale
-                dact = dact * keep_scale
+                keep = _dropout_multiplier(slot_row[:, None] * h + hcol[None, :], seed_key, dropout,
+                                           keep_scale)
+                act = act * keep
+                dact = dact * keep
             # grad_gates partial of this routed row: scale * (hid . dyW + dy . b2); tokens are summed on the host.
             gate_part = scale * (tl.sum(act * dyw, axis=1) + dy_b2)
             tl.store(gate_part_ptr + slot_row, gate_part, mask=rows)
@@ -375,8 +378,8 @@ def moe_mlp_forward(x, indices, gates, order, offsets, w1, b1, w2, b2, group_siz
     out = torch.empty((num_rows, d_out), dtype=torch.float32, device=x.device) if per_slot else y
     _forward_kernel[(triton.cdiv(num_rows, BLOCK_M),)](
         x, indices, gates, order, w1, b1, w2, b2, hidden_pre, out,
-        num_rows, num_units, k, G, d, h, d_out, num_experts, float(scale), float(dropout),
-        int(seed_key) if dropout > 0 else 0,
+        num_rows, num_units, k, G, d, h, d_out, num_experts, float(scale),
+        *dropout_arguments(dropout, seed_key),
         **_rows_options(x.dtype, d, h, d_out, activation, dropout, per_expert_input, per_slot))
     if per_slot:
         _sum_slots(out, y, k, G, d_out)
@@ -397,8 +400,8 @@ def _backward_rows_by_expert(grad_y, x, indices, gates, order, w1, w2, b2, hidde
         dx_out = torch.empty((num_rows, d), dtype=torch.float32, device=x.device) if per_slot else grad_x
     _backward_rows_kernel[(triton.cdiv(num_rows, BLOCK_M),)](
         grad_y, indices, gates, order, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part, dx_out,
-        num_rows, num_units, k, G, d, h, d_out, num_experts, float(scale), float(dropout),
-        int(seed_key) if dropout > 0 else 0,
+        num_rows, num_units, k, G, d, h, d_out, num_experts, float(scale),
+        *dropout_arguments(dropout, seed_key),
         **_rows_options(x.dtype, d, h, d_out, activation, dropout, per_expert_input, per_slot))
     if per_slot:
         _sum_slots(dx_out, grad_x, k, G, d)

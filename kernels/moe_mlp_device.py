@@ -5,6 +5,7 @@ import functools
 import os
 import types
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -109,22 +110,35 @@ def _activation_grad(pre, ACT: tl.constexpr):
     return grad
 
 
+def dropout_arguments(dropout: float, seed_key: int) -> tuple[float, float, int]:
+    """The kernels' (dropout, keep_scale, seed_key) arguments. The threshold is fp32(p), the value `uniform >= p`
+    compares with on every backend; the scale is 1/fp32(1 - p) with 1 - p taken in double, as the cpu and cuda
+    kernels have it. A kernel cannot take 1 - p itself: a compiled launch passes Python floats as fp32, and
+    1 - fp32(p) is 0.14% off at p = 0.99999 (tests/conftest.py rounds float arguments the same way under the
+    interpreter, which would otherwise keep the double)."""
+    if dropout <= 0:
+        return 0.0, 1.0, 0
+    threshold = float(np.float32(dropout))
+    keep_scale = float(np.float32(1.0) / np.float32(1.0 - dropout))
+    return threshold, keep_scale, int(seed_key)
+
+
 @triton.jit
-def _dropout_multiplier(counter, seed_key, dropout):
-    """1/(1-p) where element `counter` is kept, else 0: SplitMix64(counter ^ seed_key) as in fsosr/ops/_rng.py,
-    in uint64 so that products wrap modulo 2^64 and right shifts are logical."""
+def _dropout_multiplier(counter, seed_key, dropout, keep_scale):
+    """keep_scale (1/(1-p)) where element `counter` is kept, else 0: SplitMix64(counter ^ seed_key) as in
+    fsosr/ops/_rng.py, in uint64 so that products wrap modulo 2^64 and right shifts are logical."""
     z = (counter.to(tl.int64) ^ seed_key).to(tl.uint64, bitcast=True)
     z = z * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * 0x94D049BB133111EB
     z = z ^ (z >> 31)
     uniform = (z >> 40).to(tl.float32) * (1.0 / 16777216.0)   # exact: 24 bits
-    return tl.where(uniform >= dropout, 1.0 / (1.0 - dropout), 0.0)
+    return tl.where(uniform >= dropout, keep_scale, 0.0)
 
 
 @triton.jit
-def _hidden(pre, counter, seed_key, dropout, ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+def _hidden(pre, counter, seed_key, dropout, keep_scale, ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     hid = _activation(pre, ACT)
     if HAS_DROPOUT:
-        hid = hid * _dropout_multiplier(counter, seed_key, dropout)
+        hid = hid * _dropout_multiplier(counter, seed_key, dropout, keep_scale)
     return hid

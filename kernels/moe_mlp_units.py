@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .moe_mlp_device import _activation, _activation_grad, _dropout_multiplier, _hidden, _mma, _num_warps, \
-    _pow2_at_least_16, _upcast, launch_options, tuning
+    _pow2_at_least_16, _upcast, dropout_arguments, launch_options, tuning
 
 BLOCK_K = 64            # d chunk of the first GEMM / of grad_x
 BLOCK_N = 64            # d_out chunk of the second GEMM / of dyW
@@ -58,7 +58,7 @@ def _unit_columns(unit, k, h, indices_ptr, gates_ptr, KH_PAD: tl.constexpr):
 
 @triton.jit
 def _unit_forward_kernel(x_ptr, indices_ptr, gates_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pre_ptr, y_ptr,
-                         G, d, h, d_out, scale, dropout, seed_key, K: tl.constexpr,
+                         G, d, h, d_out, scale, dropout, keep_scale, seed_key, K: tl.constexpr,
                          ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, KH_PAD: tl.constexpr):
     unit = tl.program_id(0).to(tl.int64)
@@ -79,7 +79,7 @@ def _unit_forward_kernel(x_ptr, indices_ptr, gates_ptr, w1_ptr, b1_ptr, w2_ptr, 
     hmask = t_ok[:, None] & c_ok[None, :]
     slot_row = (unit * K + slot)[None, :] * G + t[:, None]                              # [BLOCK_M, KH_PAD]
     tl.store(pre_ptr + slot_row * h + hc[None, :], pre, mask=hmask)
-    hid = _hidden(pre, slot_row * h + hc[None, :], seed_key, dropout, ACT, HAS_DROPOUT)
+    hid = _hidden(pre, slot_row * h + hc[None, :], seed_key, dropout, keep_scale, ACT, HAS_DROPOUT)
     hid = (hid * (gate * scale)[None, :]).to(w2_ptr.dtype.element_ty)
     for n0 in range(0, d_out, BLOCK_N):
         ncol = n0 + tl.arange(0, BLOCK_N)
@@ -100,7 +100,8 @@ def _unit_forward_kernel(x_ptr, indices_ptr, gates_ptr, w1_ptr, b1_ptr, w2_ptr, 
 @triton.jit
 def _unit_backward_rows_kernel(dy_ptr, indices_ptr, gates_ptr, w1_ptr, w2_ptr, b2_ptr, pre_ptr,
                                dpre_ptr, hid_ptr, gate_part_ptr, dx_ptr,
-                               G, d, h, d_out, scale, dropout, seed_key, K: tl.constexpr, K_PAD: tl.constexpr,
+                               G, d, h, d_out, scale, dropout, keep_scale, seed_key, K: tl.constexpr,
+                               K_PAD: tl.constexpr,
                                ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                                KH_PAD: tl.constexpr):
@@ -138,9 +139,9 @@ def _unit_backward_rows_kernel(dy_ptr, indices_ptr, gates_ptr, w1_ptr, w2_ptr, b
     act = _activation(pre, ACT)
     dact = _activation_grad(pre, ACT)
     if HAS_DROPOUT:
-        keep_scale = _dropout_multiplier(slot_row * h + hc[None, :], seed_key, dropout)
-        act = act * keep_scale
-        dact = dact * keep_scale
+        keep = _dropout_multiplier(slot_row * h + hc[None, :], seed_key, dropout, keep_scale)
+        act = act * keep
+        dact = dact * keep
     # grad_gates partials per (slot, token): scale * (hid . dyW + dy . b2); tokens are summed by the launcher.
     contribution = tl.where(hmask, act * dyw, 0.0)
     for j in tl.static_range(K):
@@ -180,8 +181,8 @@ def forward(x, indices, gates, w1, b1, w2, b2, y, hidden_pre, G: int, activation
     _, d, h = w1.shape
     d_out = w2.shape[2]
     _unit_forward_kernel[(num_units, triton.cdiv(G, _block_m(G)))](
-        x, indices, gates, w1, b1, w2, b2, hidden_pre, y, G, d, h, d_out, float(scale), float(dropout),
-        int(seed_key) if dropout > 0 else 0, **_options(x.dtype, k, G, d, h, d_out, activation, dropout))
+        x, indices, gates, w1, b1, w2, b2, hidden_pre, y, G, d, h, d_out, float(scale),
+        *dropout_arguments(dropout, seed_key), **_options(x.dtype, k, G, d, h, d_out, activation, dropout))
 
 
 def backward_rows(grad_y, indices, gates, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part, grad_x, G: int,
@@ -192,5 +193,5 @@ def backward_rows(grad_y, indices, gates, w1, w2, b2, hidden_pre, dpre, scaled_h
     d_out = w2.shape[2]
     _unit_backward_rows_kernel[(num_units, triton.cdiv(G, _block_m(G)))](
         grad_y, indices, gates, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part, grad_x,
-        G, d, h, d_out, float(scale), float(dropout), int(seed_key) if dropout > 0 else 0,
+        G, d, h, d_out, float(scale), *dropout_arguments(dropout, seed_key),
         K_PAD=triton.next_power_of_2(k), **_options(grad_y.dtype, k, G, d, h, d_out, activation, dropout))

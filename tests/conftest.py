@@ -22,6 +22,33 @@ from fsosr import testing  # noqa: E402
 def pytest_configure(config):
     if testing.device_under_test().type == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("FSOSR_TEST_DEVICE=cuda but no CUDA device is visible")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _round_float_arguments_as_compiled()
+
+
+def _round_float_arguments_as_compiled():
+    """A compiled Triton launch passes a Python float argument as fp32; the interpreter keeps the double. Round
+    them here too, so that a kernel which needs more than fp32 of an argument (1 - p for dropout p near 1, 1 - beta)
+    fails under the interpreter as it would on a GPU."""
+    import inspect  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415
+
+    original_run = InterpretedFunction.run
+    runtime_parameters = {}   # kernel -> whether each positional parameter is a run-time (not constexpr) one
+
+    def run(self, *args, **kwargs):
+        if self.fn not in runtime_parameters:
+            runtime_parameters[self.fn] = [
+                "constexpr" not in str(parameter.annotation)
+                for parameter in inspect.signature(self.fn).parameters.values()]
+        runtime = runtime_parameters[self.fn]
+        args = tuple(float(np.float32(a)) if type(a) is float and i < len(runtime) and runtime[i] else a
+                     for i, a in enumerate(args))
+        return original_run(self, *args, **kwargs)
+
+    InterpretedFunction.run = run
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,9 +17,10 @@ from typing import Callable
 import torch
 
 
-def eager_autograd(forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
+def eager_autograd(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
     """``apply`` of an autograd.Function with these formulas (signatures as for ``torch.library.register_autograd``:
-    ``setup_context(ctx, inputs, output)``, ``backward(ctx, *grads)`` returning one gradient per input)."""
+    ``setup_context(ctx, inputs, output)``, ``backward(ctx, *grads)`` returning one gradient per input); ``name``:
+    the registered op it stands for, for error messages."""
 
     class EagerOp(torch.autograd.Function):
         @staticmethod
@@ -33,8 +34,9 @@ def eager_autograd(forward: Callable, setup_context: Callable, backward: Callabl
 
         @staticmethod
         def backward(ctx, *grads):
-            return backward(ctx, *grads)
+            return first_order_backward(ctx, *grads)
 
+    first_order_backward = _first_order_only(name, backward)
     return EagerOp.apply
 
 
@@ -50,7 +52,20 @@ def register_autograd(name: str, formulas: tuple[Callable, Callable]) -> None:
         ctx.set_materialize_grads(False)
         setup_context(ctx, inputs, output)
 
-    torch.library.register_autograd(name, backward, setup_context=setup_without_materialized_grads)
+    torch.library.register_autograd(name, _first_order_only(name, backward),
+                                    setup_context=setup_without_materialized_grads)
+
+
+def _first_order_only(name: str, backward: Callable) -> Callable:
+    """The backward ops have no derivative of their own: a backward with create_graph=True (double backward, a
+    gradient penalty) raises here instead of returning gradients without a graph (torch only warns, and the
+    second-order gradient comes out as None)."""
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled() and any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
+            raise RuntimeError(f"{name}: differentiating its gradient (create_graph=True) is not supported by the "
+                               "native backends; use backend='reference' for higher-order gradients")
+        return backward(ctx, *grads)
+    return checked
 
 
 def use_eager_path() -> bool:

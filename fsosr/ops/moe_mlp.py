@@ -13,6 +13,8 @@ E <= 4k it runs the dense-masked form on cuBLAS, ``fsosr.ops._moe_dense``).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fsosr import _extension, backends
@@ -111,7 +113,8 @@ _triton_forward.register_fake(_fake_forward)
 _triton_backward.register_fake(_fake_backward)
 _eager.register_autograd("fsosr::moe_mlp_fwd_triton", _autograd_formulas(torch.ops.fsosr.moe_mlp_bwd_triton))
 # Eager calls: the same launchers and formulas without the dispatcher (fsosr/ops/_eager.py).
-_triton_eager = _eager.eager_autograd(_triton_forward_impl, *_autograd_formulas(_triton_backward_impl))
+_triton_eager = _eager.eager_autograd("fsosr::moe_mlp_fwd_triton", _triton_forward_impl,
+                                      *_autograd_formulas(_triton_backward_impl))
 _NATIVE_OPS = {"cpu": lambda: torch.ops.fsosr.moe_mlp_fwd, "triton": lambda: torch.ops.fsosr.moe_mlp_fwd_triton,
                # The same native op as cpu: CUDA tensors reach csrc/cuda/moe_mlp_glue.cpp through the CUDA key.
                "cuda": lambda: torch.ops.fsosr.moe_mlp_fwd}
@@ -146,17 +149,46 @@ def _validate_experts(x, routing, w1, b1, w2, b2, activation, scale, dropout, se
            f"w2 must be [E={n_experts}, h={hidden}, d_out], got {tuple(w2.shape)}")
     _check(tuple(b2.shape) == (n_experts, w2.shape[2]),
            f"b2 must be [E={n_experts}, d_out={w2.shape[2]}], got {tuple(b2.shape)}")
-    indices, gates = routing.indices, routing.gates
-    _check(indices.dim() == 2 and gates.shape == indices.shape, "routing.indices and gates must be [N, k]")
-    _check(indices.device == x.device, f"routing is on {indices.device} but x is on {x.device}")
-    _check(routing.counts.shape == (n_experts,),
-           f"routing is over {routing.counts.shape[0]} experts but the weights hold {n_experts}")
+    _validate_routing(routing, n_experts, x.device)
+    _check(isinstance(activation, str), f"activation must be a string, got {activation!r}", TypeError)
     _check(activation in reference.ACTIVATIONS,
            f"activation must be one of {', '.join(reference.ACTIVATIONS)}, got {activation!r}")
-    _check(isinstance(scale, (int, float)) and not isinstance(scale, bool), f"scale must be a number, got {scale!r}")
-    _check(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout!r}")
+    _check(isinstance(scale, (int, float)) and not isinstance(scale, bool), f"scale must be a number, got {scale!r}",
+           TypeError)
+    _check(isinstance(dropout, (int, float)) and not isinstance(dropout, bool), f"dropout must be a number, got "
+           f"{dropout!r}", TypeError)
+    _check(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout!r}")
     _check(seed is None or (isinstance(seed, int) and not isinstance(seed, bool)),
            f"seed must be an int or None, got {seed!r}", TypeError)
+
+
+def _validate_routing(routing, n_experts: int, device: torch.device) -> None:
+    """The dispatch tables the kernels index with: shapes and dtypes always; on CPU tensors (a read there costs
+    nothing) or with FSOSR_CHECK_INPUTS=1 also the values, so that a hand-built Routing cannot make a kernel read
+    out of bounds. topk_route's own output always passes."""
+    indices, gates, counts, order, offsets = routing[:5]
+    _check(indices.dim() == 2 and gates.shape == indices.shape, "routing.indices and gates must be [N, k]")
+    n_slots = indices.numel()
+    _check(isinstance(counts, torch.Tensor) and counts.dim() == 1 and counts.shape[0] == n_experts,
+           f"routing is over {counts.shape[0] if isinstance(counts, torch.Tensor) else '?'} experts but the weights "
+           f"hold {n_experts}")
+    for name, t, shape in (("indices", indices, tuple(indices.shape)), ("counts", counts, (n_experts,)),
+                           ("order", order, (n_slots,)), ("offsets", offsets, (n_experts + 1,))):
+        _check(isinstance(t, torch.Tensor) and t.dtype == torch.int32,
+               f"routing.{name} must be an int32 tensor (as topk_route makes it)", TypeError)
+        _check(t.device == device, f"routing.{name} is on {t.device} but x is on {device}")
+        _check(tuple(t.shape) == shape, f"routing.{name} must be {list(shape)} for {n_experts} experts and "
+                                        f"{n_slots} (unit, slot) pairs, got {list(t.shape)}")
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return
+    if device.type != "cpu" and os.environ.get("FSOSR_CHECK_INPUTS") != "1":
+        return
+    _check(n_slots == 0 or bool(((indices >= 0) & (indices < n_experts)).all()),
+           f"routing.indices has an expert outside [0, {n_experts})")
+    _check(n_slots == 0 or bool(((order >= 0) & (order < n_slots)).all()),
+           f"routing.order has an entry outside [0, {n_slots})")
+    _check(int(offsets[0]) == 0 and int(offsets[-1]) == n_slots and bool((offsets[1:] >= offsets[:-1]).all()),
+           f"routing.offsets must run non-decreasing from 0 to N*k = {n_slots}")
 
 
 def _check_dtypes(x, routing, w1, b1, w2, b2, backend_name):
@@ -204,7 +236,8 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, b1: torch.Tenso
     """
     _check(isinstance(x, torch.Tensor) and x.is_floating_point(), "x must be a floating tensor", TypeError)
     _check(x.dim() == 2, f"x must be [N*G, d], got shape {tuple(x.shape)}")
-    _check(isinstance(group_size, int) and group_size >= 1, f"group_size must be a positive int, got {group_size!r}")
+    _check(isinstance(group_size, int) and not isinstance(group_size, bool) and group_size >= 1,
+           f"group_size must be a positive int, got {group_size!r}")
     _validate_experts(x, routing, w1, b1, w2, b2, activation, scale, dropout, seed, x.shape[1])
     n_units = routing.indices.shape[0]
     _check(x.shape[0] == n_units * group_size,

@@ -259,9 +259,11 @@ _eager.register_autograd("fsosr::sparse_adapter_weight_triton",
 _eager.register_autograd("fsosr::sparse_linear_fwd_triton", _linear_formulas(torch.ops.fsosr.sparse_linear_bwd_triton))
 # Eager calls: the same launchers and formulas without the dispatcher (fsosr/ops/_eager.py).
 _triton_weight_eager = _eager.eager_autograd(
+    "fsosr::sparse_adapter_weight_triton",
     lambda *args: _kernels().sparse_adapter_weight(*args),
     *_weight_formulas(lambda *args: _kernels().sparse_adapter_weight_backward(*args)))
 _triton_linear_eager = _eager.eager_autograd(
+    "fsosr::sparse_linear_fwd_triton",
     lambda *args: _kernels().sparse_linear_forward(*args),
     *_linear_formulas(lambda *args: _kernels().sparse_linear_backward(*args)))
 

@@ -137,7 +137,8 @@ _triton_forward.register_fake(_fake_forward)
 _triton_backward.register_fake(_fake_backward)
 _eager.register_autograd("fsosr::topk_route_fwd_triton", _autograd_formulas(torch.ops.fsosr.topk_route_bwd_triton))
 # Eager calls: the same launchers and formulas without the dispatcher (fsosr/ops/_eager.py).
-_triton_eager = _eager.eager_autograd(_triton_forward_impl, *_autograd_formulas(_triton_backward_impl))
+_triton_eager = _eager.eager_autograd("fsosr::topk_route_fwd_triton", _triton_forward_impl,
+                                      *_autograd_formulas(_triton_backward_impl))
 
 
 def _run_reference(logits, k, renormalize, noise, noise_std):

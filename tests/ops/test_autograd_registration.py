@@ -54,3 +54,20 @@ def test_moe_layer_backward_fills_no_unused_gradient(backend, route, monkeypatch
     assert sum(fills.elements) <= 2 * n_experts, fills.elements
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert grads[1].abs().sum() > 0          # the gates' gradient reached the logits
+
+
+@pytest.mark.parametrize("backend,route", ROUTES)
+def test_differentiating_a_gradient_raises(backend, route, monkeypatch):
+    """create_graph=True through the native ops (a gradient penalty) raises instead of silently dropping the
+    second-order terms (torch would return None with a warning); the reference backend differentiates twice."""
+    monkeypatch.setattr(_eager, "use_eager_path", lambda: route == "eager")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, generator=g).to(DEVICE).requires_grad_()
+    logits = torch.randn(3, 5, generator=g).to(DEVICE).requires_grad_()
+    weights = [torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for s in [(5, 4, 3), (5, 3), (5, 3, 4), (5, 4)]]
+    y = moe_mlp(x, topk_route(logits, 2, backend=backend, check_finite=False), *weights, group_size=2,
+                activation="gelu", backend=backend)
+    with pytest.raises(RuntimeError, match="differentiating its gradient .create_graph=True. is not supported"):
+        torch.autograd.grad(y.square().sum(), [x], create_graph=True)
+    grad_x, = torch.autograd.grad(y.square().sum(), [x])        # first order as usual
+    assert torch.isfinite(grad_x).all() and grad_x.abs().sum() > 0

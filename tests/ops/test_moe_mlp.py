@@ -132,6 +132,12 @@ def test_errors_name_the_argument():
         moe_mlp(x, routing, w1, b1, w2, b2, group_size=2, backend="cuda")
     with pytest.raises(TypeError, match="w1 is torch.float64 but x is torch.float32"):
         moe_mlp(x, routing, w1.double(), b1, w2, b2, group_size=2, backend="cpu")
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        moe_mlp(torch.randn(3, 4), routing, w1, b1, w2, b2, group_size=True)
+    with pytest.raises(TypeError, match="activation must be a string"):
+        moe_mlp(x, routing, w1, b1, w2, b2, group_size=2, activation=["relu"])
+    with pytest.raises(TypeError, match="scale must be a number"):
+        moe_mlp(x, routing, w1, b1, w2, b2, group_size=2, scale="0.1")
 
 
 # ------------------------------------------------------------------------------------------------ native backends
@@ -145,6 +151,29 @@ CASES = [  # (E, k, d, h, G, N): every value of the issue's grid appears, with t
     (22, 2, 768, 64, 197, 3), (22, 1, 97, 16, 197, 1), (22, 2, 64, 47, 1, 64), (2, 1, 768, 128, 1, 3),
     (7, 2, 64, 16, 17, 3),
 ]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + testing.backends_under_test(torch.device("cpu"), IMPLEMENTED))
+@pytest.mark.parametrize("field, bad, error, match", [
+    ("offsets", lambda r: r.offsets[:3], ValueError, r"routing.offsets must be \[6\]"),
+    ("order", lambda r: r.order[:-1], ValueError, r"routing.order must be \[6\]"),
+    ("indices", lambda r: r.indices.float(), TypeError, "routing.indices must be an int32 tensor"),
+    ("indices", lambda r: torch.full_like(r.indices, 10**6), ValueError, r"expert outside \[0, 5\)"),
+    ("indices", lambda r: r.indices - 1, ValueError, r"expert outside \[0, 5\)"),
+    ("order", lambda r: r.order + 1000, ValueError, r"routing.order has an entry outside \[0, 6\)"),
+    ("offsets", lambda r: r.offsets * 100, ValueError, "routing.offsets must run non-decreasing from 0 to N"),
+    ("offsets", lambda r: r.offsets.flip(0), ValueError, "routing.offsets must run non-decreasing from 0 to N"),
+])
+def test_hand_built_routing_tables_are_checked(backend, field, bad, error, match):
+    """The kernels index with routing.order / offsets / indices; a Routing not made by topk_route is checked (on
+    CPU tensors always, on CUDA with FSOSR_CHECK_INPUTS=1) instead of reading out of bounds (it crashed before)."""
+    logits = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    logits[0, 0] = 10.0                       # expert 0 is picked: indices - 1 has a -1
+    routing = topk_route(logits, 2, backend="reference")
+    w1, b1, w2, b2 = (t.detach().float() for t in make_experts(5, 4, 3, 4))
+    with pytest.raises(error, match=match):
+        moe_mlp(torch.randn(6, 4), routing._replace(**{field: bad(routing)}), w1, b1, w2, b2, group_size=2,
+                backend=backend)
 
 
 def native_fn(group_size, activation, dropout, per_expert=False):
@@ -180,6 +209,31 @@ def test_native_matches_reference(backend, e, k, d, h, g, n, dropout):
     inputs[1] = inputs[1].detach()  # routing is computed by the reference on both sides
     testing.compare_with_reference(fn, inputs, backend=backend, grad_outputs=[0], names=["y"], atol=1e-4,
                                    rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend, tiles",
+                         [(b, "experts") for b in NATIVE] + [("triton", "units")] * ("triton" in NATIVE))
+def test_native_dropout_scale_near_one(backend, tiles, monkeypatch):
+    """p = 0.9999: kept activations are scaled by 1/(1 - p) to fp32 accuracy, forward and backward. 1 - fp32(p) is
+    1.7e-4 off: a Triton kernel taking 1 - p of its float argument, which a compiled launch passes as fp32,
+    fails here (tests/conftest.py rounds float launch arguments the same way under the interpreter)."""
+    monkeypatch.setenv("FSOSR_MOE_MLP_TRITON_TILES", tiles)
+    p, (e, k, d, h, g, n) = 0.9999, (3, 2, 8, 16, 20, 4)
+    seed = next(s for s in range(10_000) if int(reference.dropout_keep_mask(s, p, n, k, g, h, "cpu").sum()) >= 3)
+    x, logits, *weights = native_inputs(e, d, h, g, n, torch.float32, seed=1)
+    routing = topk_route(logits.detach(), k, backend="reference")
+    native = type(routing)(*(t.to(DEVICE) for t in routing))._replace(gates=routing.gates.to(DEVICE, torch.float32))
+    y = moe_mlp(x, native, *weights, group_size=g, activation="identity", dropout=p, seed=seed, backend=backend)
+    ref_inputs = [t.detach().cpu().double().requires_grad_() for t in (x, *weights)]
+    expected = moe_mlp(ref_inputs[0], routing._replace(gates=routing.gates.double()), *ref_inputs[1:], group_size=g,
+                       activation="identity", dropout=p, seed=seed, backend="reference")
+    assert expected.abs().max() > 1e3                     # kept activations, scaled by 1e4, dominate y
+    torch.testing.assert_close(y.cpu().double(), expected, rtol=2e-5, atol=1e-2)
+    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grads = torch.autograd.grad(y, [x, weights[0], weights[2]], probe.to(DEVICE, torch.float32))
+    expected_grads = torch.autograd.grad(expected, [ref_inputs[0], ref_inputs[1], ref_inputs[3]], probe)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=2e-5, atol=1e-5 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("backend", NATIVE)
