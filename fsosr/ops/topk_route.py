@@ -240,6 +240,9 @@ def topk_route(logits: torch.Tensor, k: int, *, renormalize: bool = True, noise_
     if noise is not None and noise_std is None:
         raise ValueError("topk_route: noise was given without noise_std (the noisy logits are logits + noise * "
                          "noise_std)")
+    if seed is not None and noise_std is None:
+        raise ValueError("topk_route: seed was given without noise_std (it seeds the routing noise; clean routing "
+                         "draws none)")
     if noise is not None and seed is not None:
         raise ValueError("topk_route: give either noise or seed, not both")
     if noise_std is not None:

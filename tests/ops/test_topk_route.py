@@ -279,6 +279,8 @@ def test_errors_name_the_argument(backend):
         topk_route([[1.0, 2.0]], 1, backend=backend)
     with pytest.raises(ValueError, match="noise was given without noise_std"):
         topk_route(x, 2, noise=torch.randn_like(x), backend=backend)
+    with pytest.raises(ValueError, match="seed was given without noise_std"):
+        topk_route(x, 2, seed=3, backend=backend)
     with pytest.raises(ValueError, match="either noise or seed"):
         topk_route(x, 2, noise=torch.randn_like(x), noise_std=1.0, seed=1, backend=backend)
     with pytest.raises(ValueError, match="noise_std of shape"):
