@@ -154,7 +154,13 @@ class MoEAdapter(nn.Module):
         if h.dim() != 3 or h.shape[-1] != self.width:
             layout = "[B, L, width]" if self.batch_first else "[L, B, width]"
             raise ValueError(f"MoEAdapter: h must be {layout} with width {self.width}, got {tuple(h.shape)}")
+        if h.dtype != self.w_down.dtype:
+            raise TypeError(f"MoEAdapter: h is {h.dtype} but the experts are {self.w_down.dtype}")
+        if h.shape[1 if self.batch_first else 0] == 0:
+            raise ValueError("MoEAdapter: h has no tokens (token 0 routes each sample)")
         task = self.active_task if task is None else task
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise TypeError(f"MoEAdapter: task must be an int, got {task!r}")
         if self.bypass or task == -1:
             self.aux_loss = None
             return torch.zeros_like(h)
@@ -177,6 +183,13 @@ class MoEAdapter(nn.Module):
         return out if self.batch_first else out.transpose(0, 1)
 
     # --- selection counts and activate-freeze --------------------------------------------------------------------
+    def __getstate__(self):
+        # aux_loss is the last forward's loss, attached to that forward's graph: not module state, and a non-leaf
+        # tensor that copy.deepcopy (an EMA or best-checkpoint copy) and pickling refuse or carry along.
+        state = dict(super().__getstate__())
+        state["aux_loss"] = None
+        return state
+
     def reset_selection_counts(self) -> None:
         """Zero the counts (the seed counts afresh in every task's process)."""
         self.selection_counts.zero_()
@@ -201,7 +214,11 @@ class MoEAdapter(nn.Module):
         self._set_frozen(range(self.num_experts) if ids is None else ids, False)
 
     def _set_frozen(self, ids, value: bool) -> None:
-        ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()                # a 0-d tensor too, e.g. selection_counts.argmax()
+        elif isinstance(ids, int):
+            ids = [ids]
+        ids = [int(i) for i in ids]
         if any(not 0 <= i < self.num_experts for i in ids):
             raise IndexError(f"MoEAdapter: expert ids must be in [0, {self.num_experts}), got {ids}")
         if ids:
@@ -328,8 +345,9 @@ class LayerExpertMoE(nn.Module):
         if x.dim() != 3 or x.shape[0] != self.num_experts or x.shape[2] != self.in_features:
             raise ValueError(f"LayerExpertMoE: layer_features must be [E={self.num_experts}, B, "
                              f"{self.in_features}], got {tuple(x.shape)}")
-        if f.dim() != 2 or f.shape[0] != x.shape[1]:
-            raise ValueError(f"LayerExpertMoE: f must be [B={x.shape[1]}, router_in], got {tuple(f.shape)}")
+        if f.dim() != 2 or f.shape[0] != x.shape[1] or f.shape[1] != self.router.in_features:
+            raise ValueError(f"LayerExpertMoE: f must be [B={x.shape[1]}, router_in={self.router.in_features}], got "
+                             f"{tuple(f.shape)}")
         routing = self.router(f)
         out = moe_mlp_per_expert_input(x, routing, self.w1, self.b1, self.w2, self.b2, activation="relu",
                                        backend=self.backend)

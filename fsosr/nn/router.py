@@ -36,7 +36,7 @@ class TopKRouter(nn.Module):
         super().__init__()
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_experts:
             raise ValueError(f"TopKRouter: k must be in [1, num_experts={num_experts}], got {k}")
-        self.num_experts, self.k = num_experts, k
+        self.in_features, self.num_experts, self.k = in_features, num_experts, k
         self.renormalize, self.noise_epsilon, self.backend = renormalize, noise_epsilon, backend
         if hidden_features is None:
             self.gate = nn.Linear(in_features, num_experts, bias=False)
@@ -58,8 +58,11 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, *, seed: int | None = None, noise: torch.Tensor | None = None) -> Routing:
         """x: [N, in_features] -> Routing of N units. ``seed``/``noise`` fix the training noise (optional)."""
-        if x.dim() != 2:
-            raise ValueError(f"TopKRouter: x must be [N, in_features], got shape {tuple(x.shape)}")
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"TopKRouter: x must be [N, in_features={self.in_features}], got shape {tuple(x.shape)}")
+        weight = (self.gate if isinstance(self.gate, nn.Linear) else self.gate[0]).weight
+        if x.dtype != weight.dtype:
+            raise TypeError(f"TopKRouter: x is {x.dtype} but the router's weights are {weight.dtype}")
         logits = self.gate(x)
         if self.noise is not None and self.training:
             noise_std = F.softplus(self.noise(x)) + self.noise_epsilon

@@ -254,6 +254,12 @@ def test_bypass_and_task_minus_one_return_zeros():
         adapter(h, task=ROUTERS)
     with pytest.raises(ValueError):
         adapter(h[..., :5])
+    with pytest.raises(TypeError, match="task must be an int, got True"):
+        adapter(h, task=True)
+    with pytest.raises(TypeError, match="h is torch.float32 but the experts are torch.float64"):
+        adapter(h.float())
+    with pytest.raises(ValueError, match="h has no tokens"):
+        adapter(h[:0])                                     # [L, B, width]: L = 0
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -291,9 +297,13 @@ def test_balance_loss_off_by_default_and_cv_squared_when_on():
 
 
 def test_adapter_state_dict_round_trip_keeps_freezing():
-    adapter = make_adapter(dropout=0.1).train()
+    # balance_loss: after a forward, aux_loss holds a graph-attached loss, which deepcopy refused until 2026-11-23.
+    adapter = make_adapter(dropout=0.1, balance_loss=True).train()
     adapter(make_h(False), seed=0)
-    adapter.freeze_experts(torch.tensor([0, 2]))
+    assert adapter.aux_loss is not None and adapter.aux_loss.grad_fn is not None
+    adapter.freeze_experts(torch.tensor(0))                # a 0-d tensor (e.g. counts.argmax()) or an int
+    adapter.freeze_experts(2)
+    assert adapter.frozen_ids == (0, 2)
     state = adapter.state_dict()
     assert {"selection_counts", "frozen_experts", "w_down", "routers.2.noise.weight"} <= set(state)
     loaded = make_adapter(dropout=0.1, seed=5)
@@ -382,5 +392,7 @@ def test_layer_expert_moe_state_dict_round_trip_and_errors():
         moe(x[:-1], f)
     with pytest.raises(ValueError):
         moe(x, f[:2])
+    with pytest.raises(ValueError, match=f"f must be \\[B=3, router_in={R_IN}\\]"):
+        moe(x, f[:, :-1])
     with pytest.raises(ValueError):
         LayerExpertMoE(3, k=4)

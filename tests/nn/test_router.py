@@ -176,8 +176,16 @@ def test_bad_k(k):
 @pytest.mark.parametrize("shape", [(8,), (2, 3, 8), ()])
 def test_non_2d_input(shape):
     router = TopKRouter(8, 4, 2)
-    with pytest.raises(ValueError, match="x must be \\[N, in_features\\]"):
+    with pytest.raises(ValueError, match="x must be \\[N, in_features=8\\]"):
         router(torch.randn(shape))
+
+
+def test_wrong_width_or_dtype_is_named():
+    for router in (TopKRouter(8, 4, 2), TopKRouter(8, 4, 2, hidden_features=6, noisy=True)):
+        with pytest.raises(ValueError, match="x must be \\[N, in_features=8\\], got shape \\(3, 7\\)"):
+            router(torch.randn(3, 7))
+        with pytest.raises(TypeError, match="x is torch.float64 but the router's weights are torch.float32"):
+            router(torch.randn(3, 8, dtype=torch.float64))
 
 
 def test_balancing_loss_positive_when_unbalanced():
