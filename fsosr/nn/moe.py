@@ -27,6 +27,7 @@ two guarantees:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -159,8 +160,9 @@ class MoEAdapter(nn.Module):
         if h.shape[1 if self.batch_first else 0] == 0:
             raise ValueError("MoEAdapter: h has no tokens (token 0 routes each sample)")
         task = self.active_task if task is None else task
-        if isinstance(task, bool) or not isinstance(task, int):
+        if isinstance(task, bool) or not hasattr(task, "__index__"):     # numpy / 0-d tensor ints are fine
             raise TypeError(f"MoEAdapter: task must be an int, got {task!r}")
+        task = operator.index(task)
         if self.bypass or task == -1:
             self.aux_loss = None
             return torch.zeros_like(h)
