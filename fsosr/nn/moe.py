@@ -155,8 +155,6 @@ class MoEAdapter(nn.Module):
         if h.dim() != 3 or h.shape[-1] != self.width:
             layout = "[B, L, width]" if self.batch_first else "[L, B, width]"
             raise ValueError(f"MoEAdapter: h must be {layout} with width {self.width}, got {tuple(h.shape)}")
-        if h.dtype != self.w_down.dtype:
-            raise TypeError(f"MoEAdapter: h is {h.dtype} but the experts are {self.w_down.dtype}")
         if h.shape[1 if self.batch_first else 0] == 0:
             raise ValueError("MoEAdapter: h has no tokens (token 0 routes each sample)")
         task = self.active_task if task is None else task
@@ -179,7 +177,10 @@ class MoEAdapter(nn.Module):
         if dropout_seed is None and seed is not None:
             dropout_seed = seed ^ _DROPOUT_SEED_SALT
         rows = samples.reshape(n_samples * n_tokens, self.width)                # each sample's L rows contiguous
-        out = moe_mlp(rows, routing, *self._expert_weights(), group_size=n_tokens, activation=self.activation,
+        weights = self._expert_weights()
+        if weights[0].dtype != rows.dtype and torch.is_autocast_enabled(rows.device.type):
+            weights = [w.to(rows.dtype) for w in weights]   # autocast: experts in the features' dtype, as Linear
+        out = moe_mlp(rows, routing, *weights, group_size=n_tokens, activation=self.activation,
                       scale=self.scale, dropout=dropout, seed=dropout_seed, backend=self.backend)
         out = out.view(n_samples, n_tokens, self.width)
         return out if self.batch_first else out.transpose(0, 1)
@@ -351,8 +352,10 @@ class LayerExpertMoE(nn.Module):
             raise ValueError(f"LayerExpertMoE: f must be [B={x.shape[1]}, router_in={self.router.in_features}], got "
                              f"{tuple(f.shape)}")
         routing = self.router(f)
-        out = moe_mlp_per_expert_input(x, routing, self.w1, self.b1, self.w2, self.b2, activation="relu",
-                                       backend=self.backend)
+        weights = [self.w1, self.b1, self.w2, self.b2]
+        if self.w1.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+            weights = [w.to(x.dtype) for w in weights]      # autocast: experts in the features' dtype, as Linear
+        out = moe_mlp_per_expert_input(x, routing, *weights, activation="relu", backend=self.backend)
         return (out, routing) if return_routing else out
 
     def extra_repr(self) -> str:

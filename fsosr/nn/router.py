@@ -61,7 +61,7 @@ class TopKRouter(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"TopKRouter: x must be [N, in_features={self.in_features}], got shape {tuple(x.shape)}")
         weight = (self.gate if isinstance(self.gate, nn.Linear) else self.gate[0]).weight
-        if x.dtype != weight.dtype:
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):   # autocast casts for Linear
             raise TypeError(f"TopKRouter: x is {x.dtype} but the router's weights are {weight.dtype}")
         logits = self.gate(x)
         if self.noise is not None and self.training:

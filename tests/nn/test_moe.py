@@ -256,7 +256,7 @@ def test_bypass_and_task_minus_one_return_zeros():
         adapter(h[..., :5])
     with pytest.raises(TypeError, match="task must be an int, got True"):
         adapter(h, task=True)
-    with pytest.raises(TypeError, match="h is torch.float32 but the experts are torch.float64"):
+    with pytest.raises(TypeError, match="x is torch.float32 but the router's weights are torch.float64"):
         adapter(h.float())
     with pytest.raises(ValueError, match="h has no tokens"):
         adapter(h[:0])                                     # [L, B, width]: L = 0
@@ -396,3 +396,29 @@ def test_layer_expert_moe_state_dict_round_trip_and_errors():
         moe(x, f[:, :-1])
     with pytest.raises(ValueError):
         LayerExpertMoE(3, k=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adapter_under_autocast_runs_in_the_activations_dtype(backend):
+    """Mixed precision: fp32 experts, bf16 activations under torch.autocast (as Linear layers produce them); the
+    experts run in bf16 and their fp32 parameters get gradients."""
+    adapter = make_adapter(backend=backend).float().train()
+    h = make_h(False).detach().to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adapter(h, seed=0)
+    assert out.dtype == torch.bfloat16
+    expected = make_adapter(backend="reference").to(torch.bfloat16).train()(h.detach(), seed=0)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    out.float().square().sum().backward()
+    assert adapter.w_down.grad.dtype == torch.float32 and adapter.w_down.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_expert_moe_under_autocast(backend):
+    moe = make_layer_moe(0, backend=backend).float()
+    x, f = _randn(LAYERS, 3, IN, seed=4).to(torch.bfloat16), _randn(3, R_IN, seed=5).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(x, f)
+    expected = make_layer_moe(0, backend="reference").to(torch.bfloat16)(x, f)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)

@@ -186,6 +186,8 @@ def test_wrong_width_or_dtype_is_named():
             router(torch.randn(3, 7))
         with pytest.raises(TypeError, match="x is torch.float64 but the router's weights are torch.float32"):
             router(torch.randn(3, 8, dtype=torch.float64))
+        with torch.autocast("cpu", dtype=torch.bfloat16):      # autocast: Linear casts, no error
+            assert router(torch.randn(3, 8, dtype=torch.bfloat16)).indices.shape == (3, 2)
 
 
 def test_balancing_loss_positive_when_unbalanced():
