@@ -7,8 +7,26 @@
 
 #include <algorithm>
 
+// MKL's thread-local thread count, through its Fortran-convention entry point (the argument by pointer), which
+// libtorch_cpu exports where torch links MKL (null elsewhere). Not the C name: in torch's bundled MKL it is an
+// alias of this same function, so passing the count by value there crashes.
+extern "C" int mkl_set_num_threads_local_(const int*) __attribute__((weak));
+
 namespace fsosr {
 namespace cpu_gemm {
+
+SequentialBlas::SequentialBlas() {
+  if (mkl_set_num_threads_local_ != nullptr && !at::in_parallel_region()) {
+    const int one = 1;
+    previous_ = mkl_set_num_threads_local_(&one);
+    pinned_ = true;
+  }
+}
+
+SequentialBlas::~SequentialBlas() {
+  if (pinned_) mkl_set_num_threads_local_(&previous_);   // 0 restores the global setting
+}
+
 namespace {
 
 // Decomposition of C into blocks. B's column panel (K x nb) is kept to about 512 KiB so that it stays in L2
@@ -37,6 +55,7 @@ at::Tensor view_of(const void* data, int64_t rows, int64_t cols, int64_t ld, at:
 
 // out (+)= a @ b through ATen's matmul (BLAS): fp64, strided operands, and fp32 where brgemm is missing.
 void aten_matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const SequentialBlas sequential;
   accumulate ? (void)out.addmm_(a, b) : (void)at::mm_out(out, a, b);
 }
 
@@ -88,6 +107,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
   };
   const int64_t tasks = b.row_blocks * b.col_blocks;
   if (tasks == 1 || at::in_parallel_region()) {
+    const SequentialBlas sequential;   // where brgemm falls back to BLAS (no oneDNN ukernel)
     run(0, tasks);
   } else {
     at::parallel_for(0, tasks, 1, run);

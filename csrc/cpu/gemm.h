@@ -28,6 +28,22 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
           int64_t ldc, bool accumulate);
 
+// MKL splits a GEMM by its thread count, which changes the rounding: called from a worker's task it runs on one
+// thread, called at top level (where a single task runs inline) on all of them. Every ATen BLAS call of these
+// kernels holds this guard, which pins MKL to one thread outside a parallel region, so that results do not
+// depend on the thread count. A no-op where torch has no MKL (the symbol is looked up weakly).
+class SequentialBlas {
+ public:
+  SequentialBlas();
+  ~SequentialBlas();
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  bool pinned_ = false;
+  int previous_ = 0;
+};
+
 // Tensor form for 2-D tensors of one dtype: out (+)= a @ b. Row-major fp32 operands (unit column stride) take
 // gemm(); anything else at::mm_out / addmm_.
 void matmul_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);

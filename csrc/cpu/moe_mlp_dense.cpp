@@ -115,7 +115,10 @@ void dense_forward(const Problem& p, const at::Tensor& x, const at::Tensor& indi
                              nullptr);
   });
   // The b2 terms: one row per unit, sum_e scale * gate_e * b2[e].
-  const at::Tensor bias = dense_gates(p, indices, gates).mm(b2);  // [N, d_out]
+  const at::Tensor bias = [&] {                                     // [N, d_out]
+    const cpu_gemm::SequentialBlas sequential;
+    return dense_gates(p, indices, gates).mm(b2);
+  }();
   at::Tensor out = y.scalar_type() == acc ? y : at::empty(y.sizes(), y.options().dtype(acc));
   if (p.per_expert_input) {
     out.copy_(bias);
@@ -156,7 +159,10 @@ void dense_backward(const Problem& p, const at::Tensor& x, const at::Tensor& gra
                              hidden_pre.data_ptr<scalar_t>(), dy_sums.data_ptr<scalar_t>(),
                              b2.data_ptr<scalar_t>(), grad_gates.data_ptr<scalar_t>());
   });
-  grad_b2.copy_(dense_gates(p, indices, gates).t().mm(dy_sums));
+  {
+    const cpu_gemm::SequentialBlas sequential;
+    grad_b2.copy_(dense_gates(p, indices, gates).t().mm(dy_sums));
+  }
   at::Tensor dx = grad_x.scalar_type() == acc ? grad_x : at::empty(grad_x.sizes(), grad_x.options().dtype(acc));
   if (p.per_expert_input) {
     for (int64_t e = 0; e < p.experts; ++e) {
