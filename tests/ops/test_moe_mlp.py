@@ -469,37 +469,17 @@ def test_cpu_weight_gradients_of_unpicked_experts_are_zero(monkeypatch, g, per_e
 
 
 @pytest.mark.skipif("cpu" not in NATIVE, reason="cpu backend not built")
-def test_cpu_unit_path_is_bitwise_equal_at_one_and_two_threads():
-    # Each unit, and each expert's weight gradient, is computed by one thread on a block decomposition that
-    # depends on the shape only: the thread count must not change a bit.
-    fn = native_fn(300, "relu", 0.1)
-    fn.k = 2
-    inputs = native_inputs(5, 768, 64, 300, 3, torch.float32, seed=3)
-    inputs[1] = inputs[1].detach()
-    weights = [torch.randn(900, 768, generator=torch.Generator().manual_seed(1), dtype=torch.float64)]
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            outputs, grads = testing.run_with_grads(fn, inputs, "cpu", [0], weights)
-            runs.append(list(outputs) + [g for g in grads if g is not None])
-    finally:
-        torch.set_num_threads(threads)
-    assert len(runs[0]) == 6  # y and the gradients of x, w1, b1, w2, b2
-    for one, two in zip(*runs):
-        assert torch.equal(one, two)
-
-
 @pytest.mark.parametrize("e,k,g,n,d,h,dtype", [
+    (5, 2, 300, 3, 768, 64, torch.float32),    # unit path: each unit and each weight gradient on one thread
     (6, 1, 7, 1, 16, 129, torch.float32),      # by-expert path, < 64 rows per expert: transposed weights read in place
     (1, 1, 1, 5, 16, 129, torch.float32),      # one routed expert: its task runs inline, outside a parallel region
     (6, 2, 1, 40, 64, 129, torch.float64),     # fp64 GEMMs go to at::mm
     (3, 3, 2, 20, 65, 33, torch.float32),      # dense-masked path (k = E)
 ], ids=str)
 def test_cpu_every_path_is_bitwise_equal_at_one_and_two_threads(e, k, g, n, d, h, dtype):
-    """The GEMMs that fall back to ATen's BLAS run sequentially wherever they are called (MKL splits a GEMM by its
-    thread count, which changes the rounding; 10 of 300 fuzzed cases differed between 1 and 2 threads before)."""
+    """Block decompositions that depend on the shape only, and ATen BLAS calls run sequentially wherever they are
+    called (MKL splits a GEMM by its thread count, which changes the rounding; 10 of 300 fuzzed cases differed
+    between 1 and 2 threads before that): the thread count must not change a bit."""
     fn = native_fn(g, "gelu", 0.1)
     fn.k = k
     inputs = native_inputs(e, d, h, g, n, dtype, seed=7)
@@ -514,7 +494,7 @@ def test_cpu_every_path_is_bitwise_equal_at_one_and_two_threads(e, k, g, n, d, h
             runs.append(list(outputs) + [g for g in grads if g is not None])
     finally:
         torch.set_num_threads(threads)
-    assert len(runs[0]) == 6
+    assert len(runs[0]) == 6  # y and the gradients of x, w1, b1, w2, b2
     for one, two in zip(*runs):
         assert torch.equal(one, two)
 
