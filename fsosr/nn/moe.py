@@ -51,6 +51,14 @@ def _linear_weight_bias(in_features: int, out_features: int, dtype=None, device=
     return layer.weight.detach(), layer.bias.detach()
 
 
+def _autocast_to(weights: list[torch.Tensor], features: torch.Tensor) -> list[torch.Tensor]:
+    """Under torch.autocast the experts run in the features' dtype, as a Linear would (the native ops take one
+    dtype); otherwise as they are."""
+    if weights[0].dtype != features.dtype and torch.is_autocast_enabled(features.device.type):
+        return [w.to(features.dtype) for w in weights]
+    return weights
+
+
 def _resync_frozen_ids(module: MoEAdapter, _incompatible_keys) -> None:
     """load_state_dict post-hook: the loaded ``frozen_experts`` buffer replaces the host mirror."""
     module._sync_frozen_ids()
@@ -177,11 +185,9 @@ class MoEAdapter(nn.Module):
         if dropout_seed is None and seed is not None:
             dropout_seed = seed ^ _DROPOUT_SEED_SALT
         rows = samples.reshape(n_samples * n_tokens, self.width)                # each sample's L rows contiguous
-        weights = self._expert_weights()
-        if weights[0].dtype != rows.dtype and torch.is_autocast_enabled(rows.device.type):
-            weights = [w.to(rows.dtype) for w in weights]   # autocast: experts in the features' dtype, as Linear
-        out = moe_mlp(rows, routing, *weights, group_size=n_tokens, activation=self.activation,
-                      scale=self.scale, dropout=dropout, seed=dropout_seed, backend=self.backend)
+        out = moe_mlp(rows, routing, *_autocast_to(self._expert_weights(), rows), group_size=n_tokens,
+                      activation=self.activation, scale=self.scale, dropout=dropout, seed=dropout_seed,
+                      backend=self.backend)
         out = out.view(n_samples, n_tokens, self.width)
         return out if self.batch_first else out.transpose(0, 1)
 
@@ -352,9 +358,7 @@ class LayerExpertMoE(nn.Module):
             raise ValueError(f"LayerExpertMoE: f must be [B={x.shape[1]}, router_in={self.router.in_features}], got "
                              f"{tuple(f.shape)}")
         routing = self.router(f)
-        weights = [self.w1, self.b1, self.w2, self.b2]
-        if self.w1.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
-            weights = [w.to(x.dtype) for w in weights]      # autocast: experts in the features' dtype, as Linear
+        weights = _autocast_to([self.w1, self.b1, self.w2, self.b2], x)
         out = moe_mlp_per_expert_input(x, routing, *weights, activation="relu", backend=self.backend)
         return (out, routing) if return_routing else out
 

@@ -21,6 +21,7 @@ def eager_autograd(name: str, forward: Callable, setup_context: Callable, backwa
     """``apply`` of an autograd.Function with these formulas (signatures as for ``torch.library.register_autograd``:
     ``setup_context(ctx, inputs, output)``, ``backward(ctx, *grads)`` returning one gradient per input); ``name``:
     the registered op it stands for, for error messages."""
+    first_order_backward = _first_order_only(name, backward)
 
     class EagerOp(torch.autograd.Function):
         @staticmethod
@@ -36,7 +37,6 @@ def eager_autograd(name: str, forward: Callable, setup_context: Callable, backwa
         def backward(ctx, *grads):
             return first_order_backward(ctx, *grads)
 
-    first_order_backward = _first_order_only(name, backward)
     return EagerOp.apply
 
 

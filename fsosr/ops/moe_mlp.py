@@ -172,8 +172,8 @@ def _validate_routing(routing, n_experts: int, device: torch.device) -> None:
     _check(isinstance(counts, torch.Tensor) and counts.dim() == 1 and counts.shape[0] == n_experts,
            f"routing is over {counts.shape[0] if isinstance(counts, torch.Tensor) else '?'} experts but the weights "
            f"hold {n_experts}")
-    for name, t, shape in (("indices", indices, tuple(indices.shape)), ("counts", counts, (n_experts,)),
-                           ("order", order, (n_slots,)), ("offsets", offsets, (n_experts + 1,))):
+    for name, t, shape in (("indices", indices, tuple(indices.shape)), ("order", order, (n_slots,)),
+                           ("offsets", offsets, (n_experts + 1,))):          # what the kernels index with
         _check(isinstance(t, torch.Tensor) and t.dtype == torch.int32,
                f"routing.{name} must be an int32 tensor (as topk_route makes it)", TypeError)
         _check(t.device == device, f"routing.{name} is on {t.device} but x is on {device}")
