@@ -112,6 +112,14 @@ def dropout_keep_mask(seed: int, p: float, n_units: int, k: int, group_size: int
     return (uniform_from_seed(counters, seed) >= p).reshape(n_units, k, group_size, hidden)
 
 
+def _empty_output(shape, dtype, *inputs: torch.Tensor) -> torch.Tensor:
+    """Zeros of ``shape`` (an empty batch) that depend on every input through an empty slice, so backward runs
+    and gives each input a zero gradient, as the native backends' ops do (a plain torch.zeros has no graph, and
+    ``autograd.grad`` of it raises)."""
+    link = sum(t.reshape(-1)[:0].sum().to(dtype) for t in inputs if t.is_floating_point())
+    return torch.zeros(shape, dtype=dtype, device=inputs[0].device) + link
+
+
 def moe_mlp(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
             w2: torch.Tensor, b2: torch.Tensor, group_size: int = 1, activation: str = "relu", scale: float = 1.0,
             dropout: float = 0.0, seed: int = 0) -> torch.Tensor:
@@ -124,6 +132,8 @@ def moe_mlp(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, w1: tor
     acc = accumulation_dtype(x.dtype)
     n_units, k = indices.shape
     d_out = w2.shape[2]
+    if n_units == 0:
+        return _empty_output((0, d_out), x.dtype, x, gates, w1, b1, w2, b2)
     units = x.to(acc).reshape(n_units, group_size, x.shape[1])   # not -1: N or d may be 0
     act = ACTIVATIONS[activation]
     keep = (dropout_keep_mask(seed, dropout, n_units, k, group_size, w1.shape[2], x.device)
@@ -150,6 +160,8 @@ def moe_mlp_per_expert_input(x: torch.Tensor, indices: torch.Tensor, gates: torc
     """
     acc = accumulation_dtype(x.dtype)
     n_units, k = indices.shape
+    if n_units == 0:
+        return _empty_output((0, w2.shape[2]), x.dtype, x, gates, w1, b1, w2, b2)
     act = ACTIVATIONS[activation]
     keep = dropout_keep_mask(seed, dropout, n_units, k, 1, w1.shape[2], x.device) if dropout > 0 else None
     y = torch.zeros(n_units, w2.shape[2], dtype=acc, device=x.device)
