@@ -28,7 +28,7 @@ from fsosr.data.readers.cifar import CIFAR10, CIFAR100
 from fsosr.data.readers.fewshot import CIFARFS, MiniImageNet, TieredImageNet
 from fsosr.data.readers.folders import MTIL_DATASETS, ImageFolderDataset, ImageNet, MTILDataset
 from fsosr.data.readers.tinyimagenet import TinyImageNet
-from fsosr.data.readers.transfer import FGVCDataset, VTAB1k
+from fsosr.data.readers.transfer import VTAB_NUM_CLASSES, FGVCDataset, VTAB1k
 
 # The OOD sets of the FSMoE (LSUN/ImageNet crop/resize, ODIN release) and LoCoOp (MOS release) protocols.
 OOD_FOLDER_SETS = ("lsun_crop", "lsun_resize", "imagenet_crop", "imagenet_resize", "inaturalist", "sun", "places",
@@ -63,6 +63,12 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
     return builder(root, split, transform=transform, target_transform=target_transform, **kwargs)
 
 
+def _vtab(root, split, *, task: str | None = None, **kwargs):
+    if task is None:
+        raise ValueError(f"dataset 'vtab-1k' needs task=<task folder>, e.g. one of {', '.join(VTAB_NUM_CLASSES)}")
+    return VTAB1k(root, task, split, **kwargs)
+
+
 def _digits_osr(root, split, *, osr_split: int = 0, **kwargs):
     return digits_osr(split, osr_split, **kwargs)
 
@@ -91,7 +97,7 @@ def _register_builtin() -> None:
     for dataset in MTIL_DATASETS:
         register_dataset(f"mtil-{dataset.lower()}", _mtil(dataset))
     register_dataset("fgvc", lambda root, split, **kw: FGVCDataset(root, split, **kw))
-    register_dataset("vtab-1k", lambda root, split, *, task, **kw: VTAB1k(root, task, split, **kw))
+    register_dataset("vtab-1k", _vtab)
 
 
 _register_builtin()

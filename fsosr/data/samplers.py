@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import random
 import tempfile
@@ -38,7 +39,8 @@ def few_shot_indices(labels: Sequence[int] | np.ndarray, num_shots: int, seed: i
     labels = np.asarray(labels, dtype=np.int64)
     if num_shots < 1:
         return np.arange(labels.size, dtype=np.int64)
-    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
+    # int(): random.Random refuses numpy integers (Python >= 3.11); Dassl passes an int, whose stream this equals.
+    rng = seed if isinstance(seed, random.Random) else random.Random(operator.index(seed))
     by_class: dict[int, list[int]] = {}
     for index, label in enumerate(labels.tolist()):
         by_class.setdefault(label, []).append(index)
@@ -71,6 +73,9 @@ def cached_few_shot_indices(labels: Sequence[int] | np.ndarray, num_shots: int, 
     for different data is recomputed (with a warning) instead of silently reused. Written atomically.
     """
     labels = np.asarray(labels, dtype=np.int64)
+    if isinstance(seed, random.Random) or not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"cached_few_shot_indices needs an int seed (it names the cache file), got {seed!r}")
+    seed = int(seed)
     cache_dir = os.fspath(cache_dir)
     path = os.path.join(cache_dir, f"shot_{num_shots}-seed_{seed}{'-repeat' if repeat else ''}.json")
     digest = _labels_digest(labels)
@@ -78,11 +83,16 @@ def cached_few_shot_indices(labels: Sequence[int] | np.ndarray, num_shots: int, 
         try:
             with open(path, encoding="utf-8") as handle:
                 cached = json.load(handle)
+            if not isinstance(cached, dict):
+                raise ValueError(f"expected a JSON object, got {type(cached).__name__}")
             if cached.get("labels_sha256") == digest:
-                return np.asarray(cached["indices"], dtype=np.int64)
+                indices = np.asarray(cached["indices"], dtype=np.int64).reshape(-1)
+                if indices.size and (indices.min() < 0 or indices.max() >= labels.size):
+                    raise ValueError("indices outside the labels")
+                return indices
             warnings.warn(f"{path} was made for different labels; recomputing the {num_shots}-shot split",
                           stacklevel=2)
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:   # JSONDecodeError is a ValueError
             warnings.warn(f"{path} is unreadable ({error}); recomputing the {num_shots}-shot split", stacklevel=2)
     indices = few_shot_indices(labels, num_shots, seed, repeat=repeat)
     os.makedirs(cache_dir, exist_ok=True)
@@ -90,9 +100,13 @@ def cached_few_shot_indices(labels: Sequence[int] | np.ndarray, num_shots: int, 
               "labels_sha256": digest, "rule": "dassl: random.Random(seed).sample per class, first-appearance order",
               "indices": indices.tolist()}
     handle, temporary = tempfile.mkstemp(dir=cache_dir, prefix=".shot-", suffix=".json")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        json.dump(record, out)
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(record, out)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
     return indices
 
 
@@ -219,7 +233,8 @@ def class_incremental_tasks(class_order: Sequence[int], initial_increment: int, 
     order = [int(c) for c in class_order]
     if len(set(order)) != len(order):
         raise ValueError("class_order repeats a class")
-    if initial_increment < 1 or increment < 1 or (len(order) - initial_increment) % increment:
+    if (initial_increment < 1 or increment < 1 or initial_increment > len(order)
+            or (len(order) - initial_increment) % increment):
         raise ValueError(f"{len(order)} classes do not split into {initial_increment} + k x {increment}")
     tasks = [order[:initial_increment]]
     tasks += [order[i:i + increment] for i in range(initial_increment, len(order), increment)]
@@ -242,6 +257,8 @@ def task_indices(labels: Sequence[int] | np.ndarray, tasks: Sequence[Sequence[in
 
 def seen_classes(tasks: Sequence[Sequence[int]], task: int) -> list[int]:
     """Classes learned up to and including ``task`` (class-incremental evaluation covers all of them)."""
+    if not 0 <= task < len(tasks):
+        raise IndexError(f"task {task} does not exist: there are {len(tasks)} tasks (0..{len(tasks) - 1})")
     return [c for t in tasks[:task + 1] for c in t]
 
 

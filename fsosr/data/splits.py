@@ -133,17 +133,16 @@ def remap_labels(labels: Sequence[int] | np.ndarray, class_order: Sequence[int],
     (e.g. ``missing=-1`` to mark unknowns in a mixed test set).
     """
     labels = np.asarray(labels, dtype=np.int64)
-    order = np.asarray(class_order, dtype=np.int64)
+    order = np.asarray(class_order, dtype=np.int64).reshape(-1)
     if len(np.unique(order)) != len(order):
         raise ValueError(f"class_order has repeated classes: {order.tolist()}")
-    if labels.size == 0:
-        return labels.copy()
-    lookup = np.full(max(int(labels.max()), int(order.max()) if order.size else 0) + 1, -1, dtype=np.int64)
-    if labels.min() < 0:
-        raise ValueError(f"labels must be non-negative, got {int(labels.min())}")
-    lookup[order] = np.arange(len(order))
-    mapped = lookup[labels]
-    absent = mapped < 0
+    # A binary search over the sorted order, not a lookup table: any int64 id works (-1 for unknowns, large
+    # sparse ids), and memory does not grow with the largest id.
+    sorter = np.argsort(order, kind="stable")
+    position = np.minimum(np.searchsorted(order[sorter], labels), max(len(order) - 1, 0))
+    found = order[sorter][position] == labels if order.size else np.zeros(labels.shape, dtype=bool)
+    mapped = np.where(found, sorter[position] if order.size else 0, -1).astype(np.int64)
+    absent = ~found
     if absent.any():
         if missing is None:
             raise ValueError(f"labels {sorted(set(labels[absent].tolist()))[:10]} are not in class_order")
@@ -166,8 +165,10 @@ def balanced_eval_indices(num_known: int, num_unknown: int, *, variant: str = "v
     ``get_equal_len_datasets`` does with numpy's global generator (``seed`` seeds a ``RandomState`` that produces
     the same draws as ``np.random.seed(seed)``); the smaller set is kept whole.
 
-    - ``"vaze"`` (osr_closed_set_all_you_need): ``subsample_dataset`` does ``data[idxs]``, so the draws are kept
-      as drawn, duplicates included, and the two sets have equal length.
+    - ``"vaze"`` (osr_closed_set_all_you_need, ``data/cifar.py``): ``subsample_dataset`` does ``data[idxs]``, so
+      the draws are kept as drawn, duplicates included, and the two sets have equal length. (Its
+      ``data/tinyimagenet.py`` subsamples images with ``if i in idxs``, which de-duplicates like ``"fsmoe"``, while
+      its targets keep the duplicates: Vaze's TinyImageNet numbers come from the de-duplicated images.)
     - ``"fsmoe"``: FSMoE's rewritten ``subsample_dataset`` keeps sample ``i`` ``if i in idxs``, which de-duplicates
       (and sorts); the larger set shrinks to about ``n (1 - exp(-m / n))`` unique samples, so the sets are *not*
       equal in size. Use it only to reproduce FSMoE's numbers, and say so.

@@ -30,15 +30,34 @@ def is_image_file(name: str) -> bool:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file into an RGB ``PIL.Image``; a file that cannot be decoded raises CorruptImageError."""
+    """Decode an image file into an RGB ``PIL.Image``; a file that cannot be decoded raises CorruptImageError.
+
+    16-bit greyscale (PNG, TIFF, PGM) keeps its top 8 bits (``convert("RGB")`` alone, as torchvision's loader
+    does, clips every value above 255 to white). 32-bit float or integer pixels have no standard 8-bit scale and
+    raise CorruptImageError rather than decode to a saturated or black image."""
     try:
         with Image.open(path) as image:
             image.load()  # decode now: a truncated file must fail here, naming the file, not later in a worker
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        if isinstance(error, FileNotFoundError):
+            return _to_rgb(image, path)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        if isinstance(error, (FileNotFoundError, CorruptImageError)):
             raise
         raise CorruptImageError(path, f"{type(error).__name__}: {error}") from error
+
+
+def _to_rgb(image: Image.Image, path) -> Image.Image:
+    if image.mode.startswith("I"):          # I;16, I;16B, I;16L (16-bit) or I (32-bit, 16-bit data in older Pillow)
+        array = np.asarray(image).astype(np.int64)
+        if image.mode == "I" and array.size and (array.min() < 0 or array.max() > 65535):
+            raise CorruptImageError(path, "32-bit integer pixels (PIL mode I) beyond the 16-bit range are not "
+                                          "supported: save the image with 8 or 16 bits per channel")
+        if image.mode != "I" or (array.size and array.max() > 255):
+            array = array >> 8
+        return Image.fromarray(array.astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        raise CorruptImageError(path, "floating-point pixels (PIL mode F) are not supported: save the image with 8 "
+                                      "or 16 bits per channel")
+    return image.convert("RGB")
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -117,6 +136,8 @@ class ImageDataset(Dataset):
     def subset(self, indices: Sequence[int] | np.ndarray, *, targets: Sequence[int] | np.ndarray | None = None,
                classes: Sequence[str] | None = None, name: str | None = None) -> ImageDataset:
         """A view of samples ``indices`` (positions in this dataset; repeats allowed), optionally relabelled."""
+        if np.asarray(indices).dtype == np.bool_:
+            raise TypeError("subset takes positions, got a boolean mask: pass np.flatnonzero(mask)")
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"subset indices must lie in [0, {len(self)}), got {indices.min()}..{indices.max()}")

@@ -54,8 +54,26 @@ def read_pickle(path: str, layout: str) -> dict:
     return {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in content.items()}
 
 
-def _names(values) -> list[str]:
+def _names(values, path: str, key: str, layout: str) -> list[str]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise MalformedDataError(path, f"{key!r} must be a list of class names, found {type(values).__name__}",
+                                 layout)
     return [v.decode("latin1") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def integer_labels(values, path: str, key: str, layout: str) -> np.ndarray:
+    """A pickle's label list as int64 [N]; anything but a flat list of integers is a MalformedDataError (a float
+    label would otherwise be truncated silently, a string one raise a bare ValueError)."""
+    try:
+        labels = np.asarray(values)
+    except Exception as error:  # ragged nested lists and the like
+        raise MalformedDataError(path, f"{key!r} is not an array of labels ({error})", layout) from error
+    if labels.dtype.kind not in "iu":
+        raise MalformedDataError(path, f"{key!r} must hold integer labels, found {labels.dtype} values", layout)
+    if labels.ndim != 1:
+        raise MalformedDataError(path, f"{key!r} must be a flat list of labels, found shape {list(labels.shape)}",
+                                 layout)
+    return labels.astype(np.int64)
 
 
 def read_cifar_batch(path: str, label_key: str, layout: str) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +83,7 @@ def read_cifar_batch(path: str, label_key: str, layout: str) -> tuple[np.ndarray
         if key not in batch:
             raise MalformedDataError(path, f"missing key {key!r} (found {sorted(batch)})", layout)
     data = np.asarray(batch["data"])
-    labels = np.asarray(batch[label_key], dtype=np.int64)
+    labels = integer_labels(batch[label_key], path, label_key, layout)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise MalformedDataError(path, f"'data' must be uint8 [N, 3072], found {data.dtype} {list(data.shape)}",
                                  layout)
@@ -98,7 +116,7 @@ class CIFAR10(ImageDataset):
         meta = read_pickle(meta_path, CIFAR10_LAYOUT)
         if "label_names" not in meta:
             raise MalformedDataError(meta_path, "missing key 'label_names'", CIFAR10_LAYOUT)
-        classes = _names(meta["label_names"])
+        classes = _names(meta["label_names"], meta_path, "label_names", CIFAR10_LAYOUT)
         images, labels = [], []
         for name in files:
             path = os.path.join(folder, name)
@@ -123,7 +141,7 @@ class CIFAR100(ImageDataset):
         meta = read_pickle(meta_path, CIFAR100_LAYOUT)
         if f"{kind}_label_names" not in meta:
             raise MalformedDataError(meta_path, f"missing key '{kind}_label_names'", CIFAR100_LAYOUT)
-        classes = _names(meta[f"{kind}_label_names"])
+        classes = _names(meta[f"{kind}_label_names"], meta_path, f"{kind}_label_names", CIFAR100_LAYOUT)
         path = os.path.join(folder, split)
         images, labels = read_cifar_batch(path, f"{kind}_labels", CIFAR100_LAYOUT)
         _check_labels(labels, len(classes), path, CIFAR100_LAYOUT)

@@ -27,7 +27,7 @@ import numpy as np
 
 from fsosr.data.errors import MalformedDataError, MissingDataError
 from fsosr.data.readers.base import ImageDataset
-from fsosr.data.readers.cifar import read_pickle
+from fsosr.data.readers.cifar import integer_labels, read_pickle
 
 MINI_IMAGENET_FILES = {
     "train": "miniImageNet_category_split_train_phase_train.pickle",
@@ -74,11 +74,12 @@ def _read_pickle_pack(path: str, layout: str) -> tuple[np.ndarray, np.ndarray, d
         if key not in pack:
             raise MalformedDataError(path, f"missing key {key!r} (found {sorted(pack)})", layout)
     names = pack.get("catname2label")
-    if names is not None and not isinstance(names, dict):
+    # Optional metadata: a mapping that is not {name: integer label} is ignored (classes are then named by id).
+    if not isinstance(names, dict) or not all(isinstance(v, (int, np.integer)) for v in names.values()):
         names = None
     if names:
         names = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in names.items()}
-    return np.asarray(pack["data"]), np.asarray(pack["labels"], dtype=np.int64).reshape(-1), names
+    return np.asarray(pack["data"]), integer_labels(pack["labels"], path, "labels", layout), names
 
 
 class MiniImageNet(_FewShotArrays):
@@ -125,7 +126,8 @@ class TieredImageNet(_FewShotArrays):
                 missing = [k for k in ("features", "targets") if k not in pack.files]
                 if missing:
                     raise MalformedDataError(path, f"missing arrays {missing} (found {pack.files})", TIERED_LAYOUT)
-                images, labels = pack["features"], pack["targets"].astype(np.int64).reshape(-1)
+                images = pack["features"]
+                labels = integer_labels(pack["targets"].reshape(-1), path, "targets", TIERED_LAYOUT)
         except (OSError, ValueError, zipfile.BadZipFile) as error:
             if isinstance(error, MalformedDataError):
                 raise

@@ -36,9 +36,14 @@ def _listdir(path: str) -> list[str]:
 
 def _images_below(folder: str) -> list[str]:
     """Image files under ``folder``, recursively, in torchvision's order (sorted walk, sorted files)."""
-    found = []
-    for current, dirs, files in sorted(os.walk(folder, followlinks=True)):
+    walked = []
+    for current, dirs, files in os.walk(folder, followlinks=True):
+        # Pruning works only while the walk runs (sorting the walk first would read it whole, hidden folders such
+        # as .ipynb_checkpoints included); the sort below restores torchvision's order.
         dirs[:] = [d for d in dirs if not d.startswith(".")]
+        walked.append((current, files))
+    found = []
+    for current, files in sorted(walked):
         found.extend(os.path.join(current, f) for f in sorted(files) if not f.startswith(".") and is_image_file(f))
     return found
 
@@ -47,6 +52,8 @@ def scan_image_folder(root: str | os.PathLike, layout: str = IMAGE_FOLDER_LAYOUT
                       ) -> tuple[list[str], list[int], list[str]]:
     """``(paths, labels, classes)`` of an ImageFolder-style folder or of a flat folder of images (one class)."""
     root = os.fspath(root)
+    if os.path.isfile(root):
+        raise MalformedDataError(root, "is a file; expected a folder of images", layout)
     if not os.path.isdir(root):
         raise MissingDataError(root, layout)
     entries = _listdir(root)
@@ -88,7 +95,7 @@ def read_class_names(path: str, layout: str) -> dict[str, str]:
     if not os.path.isfile(path):
         raise MissingDataError(path, layout)
     names = {}
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, 1):
             line = line.strip()
             if not line:
@@ -116,6 +123,10 @@ class ImageNet(ImageDataset):
         folder = os.path.join(root, "images", split)
         if not os.path.isdir(folder):
             folder = os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else folder
+        if os.path.isdir(folder) and not any(os.path.isdir(os.path.join(folder, e)) for e in _listdir(folder)):
+            raise MalformedDataError(folder, "holds images directly: ImageNet's images must be in one sub-folder per "
+                                     "wnid (re-folder the released val images with their ground-truth labels)",
+                                     IMAGENET_LAYOUT)
         paths, labels, wnids = scan_image_folder(folder, IMAGENET_LAYOUT)
         names_path = os.fspath(classnames_file) if classnames_file else os.path.join(root, "classnames.txt")
         names = read_class_names(names_path, IMAGENET_LAYOUT)
@@ -131,7 +142,7 @@ def _class_names_file(path: str, expected: int, layout: str) -> list[str] | None
     """One name per line, or None when the file does not exist."""
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         names = [line.strip() for line in handle if line.strip()]
     if len(names) != expected:
         raise MalformedDataError(path, f"{len(names)} class names for {expected} class folders", layout)

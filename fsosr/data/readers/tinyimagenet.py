@@ -44,7 +44,7 @@ def read_val_annotations(path: str) -> list[tuple[str, str]]:
     if not os.path.isfile(path):
         raise MissingDataError(path, TINYIMAGENET_LAYOUT)
     pairs = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -77,7 +77,7 @@ def refolder_val(root: str | os.PathLike) -> int:
 def _read_words(path: str) -> dict[str, str]:
     words = {}
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             for line in handle:
                 wnid, _, names = line.rstrip("\n").partition("\t")
                 if wnid:
@@ -120,7 +120,7 @@ class TinyImageNet(ImageDataset):
     def _check_wnids_file(base: str, wnids: list[str]) -> None:
         path = os.path.join(base, "wnids.txt")
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8-sig") as handle:
                 listed = sorted(line.strip() for line in handle if line.strip())
             if listed != wnids:
                 raise MalformedDataError(path, f"lists {len(listed)} wnids that differ from the {len(wnids)} "

@@ -11,12 +11,16 @@ VTAB-1k, as released in folder form (the NOAH / "vtab-1k" archives; MoSA itself 
     <root>/<task>/train800.txt, val200.txt, train800val200.txt, test.txt
         one "<image path relative to <root>/<task>> <integer label>" per line
 
-Labels: FGVC ids are ranked (sorted unique ids -> 0..C-1, as VPT's ``_class_id_cont_id``); VTAB labels are kept.
+Labels: FGVC ids are ranked (sorted unique ids -> 0..C-1, as VPT's ``_class_id_cont_id``); VTAB labels are kept,
+and a task's class count is the published one (``VTAB_NUM_CLASSES``), the same for every split: a 200-image val
+list misses some of SUN397's 397 classes, so counting the labels of one file would size the head wrongly. For a
+task folder with another name, the count comes from the labels of all its list files.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -34,6 +38,12 @@ VTAB_SPLIT_FILES = {"train": "train800.txt", "val": "val200.txt", "trainval": "t
                     "test": "test.txt", "train800": "train800.txt", "val200": "val200.txt",
                     "train800val200": "train800val200.txt"}
 
+# Classes per VTAB-1k task, under the folder names of the released archives (as in NOAH / SSF / VPT configs).
+VTAB_NUM_CLASSES = {"cifar": 100, "caltech101": 102, "dtd": 47, "oxford_flowers102": 102, "oxford_iiit_pet": 37,
+                    "svhn": 10, "sun397": 397, "patch_camelyon": 2, "eurosat": 10, "resisc45": 45,
+                    "diabetic_retinopathy": 5, "clevr_count": 8, "clevr_dist": 6, "dmlab": 6, "kitti": 4,
+                    "dsprites_loc": 16, "dsprites_ori": 16, "smallnorb_azi": 18, "smallnorb_ele": 9}
+
 
 class FGVCDataset(ImageDataset):
     """One FGVC dataset ``split`` ("train", "val", "test") from VPT-style JSON annotation files."""
@@ -47,7 +57,7 @@ class FGVCDataset(ImageDataset):
         if not os.path.isfile(path):
             raise MissingDataError(path, FGVC_LAYOUT)
         try:
-            with open(path, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8-sig") as handle:
                 annotations = json.load(handle)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise MalformedDataError(path, f"not valid JSON ({error})", FGVC_LAYOUT) from error
@@ -74,24 +84,28 @@ def read_list_file(path: str, base: str, layout: str) -> tuple[list[str], list[i
     if not os.path.isfile(path):
         raise MissingDataError(path, layout)
     paths, labels = [], []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             relative, _, label = line.strip().rpartition(" ")
-            if not relative or not label.lstrip("-").isdigit():
-                raise MalformedDataError(path, f"line {number} is {line.strip()!r}; expected '<path> <label>'",
-                                         layout)
+            if not relative or not re.fullmatch(r"[0-9]+", label):
+                raise MalformedDataError(path, f"line {number} is {line.strip()!r}; expected '<path> <label>' with "
+                                         "a non-negative integer label", layout)
             paths.append(os.path.join(base, relative))
             labels.append(int(label))
     return paths, labels
 
 
 class VTAB1k(ImageDataset):
-    """One VTAB-1k task ``split`` ("train" 800, "val" 200, "trainval" 1000, "test") from its list files."""
+    """One VTAB-1k task ``split`` ("train" 800, "val" 200, "trainval" 1000, "test") from its list files.
+
+    ``num_classes``: the task's class count; default: ``VTAB_NUM_CLASSES[task]``, else counted over all the task's
+    list files. A label outside [0, num_classes) is an error."""
 
     def __init__(self, root: str | os.PathLike, task: str, split: str = "trainval",
-                 transform: Callable | None = None, target_transform: Callable | None = None):
+                 transform: Callable | None = None, target_transform: Callable | None = None,
+                 num_classes: int | None = None):
         if split not in VTAB_SPLIT_FILES:
             raise ValueError(f"VTAB-1k split must be one of {list(VTAB_SPLIT_FILES)}, got {split!r}")
         base = os.path.join(os.fspath(root), task)
@@ -101,6 +115,17 @@ class VTAB1k(ImageDataset):
         absent = [p for p in paths if not os.path.isfile(p)]
         if absent:
             raise MissingDataError(absent[0], VTAB_LAYOUT + f"\n  ({len(absent)} listed images are missing)")
-        num_classes = max(labels) + 1 if labels else 0
+        if num_classes is None:
+            num_classes = VTAB_NUM_CLASSES.get(task)
+        if num_classes is None:
+            every_label = [label for name in sorted(set(VTAB_SPLIT_FILES.values()))
+                           if os.path.isfile(os.path.join(base, name))
+                           for label in read_list_file(os.path.join(base, name), base, VTAB_LAYOUT)[1]]
+            num_classes = max(every_label) + 1 if every_label else 0
+        list_file = os.path.join(base, VTAB_SPLIT_FILES[split])
+        outside = [label for label in labels if label >= num_classes]
+        if outside:
+            raise MalformedDataError(list_file, f"label {outside[0]} is outside the task's {num_classes} classes",
+                                     VTAB_LAYOUT)
         super().__init__(paths=paths, targets=labels, classes=[str(i) for i in range(num_classes)],
                          transform=transform, target_transform=target_transform, name=f"vtab/{task}/{split}")
