@@ -147,3 +147,12 @@ def assert_bitwise_deterministic(fn: Callable, inputs: Sequence, *, backend: str
             continue
         assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
                                      and torch.equal(a.nan_to_num(), b.nan_to_num())), "runs differ"
+
+
+def random_experts(e: int, d: int, h: int, d_out: int, seed: int = 0,
+                   dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+    """Stacked expert weights (w1 [E, d, h], b1 [E, h], w2 [E, h, d_out], b2 [E, d_out]) for moe_mlp tests:
+    N(0, 0.3²) leaf tensors that require grad, a pure function of ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple((torch.randn(*shape, generator=g, dtype=dtype) * 0.3).requires_grad_()
+                 for shape in ((e, d, h), (e, h), (e, h, d_out), (e, d_out)))

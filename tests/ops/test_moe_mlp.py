@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsosr import backends
+from fsosr import backends, testing
 from fsosr.ops import moe_mlp, moe_mlp_per_expert_input, reference, topk_route
-
-
-def make_experts(e, d, h, d_out, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    mk = lambda *shape: (torch.randn(*shape, generator=g, dtype=dtype) * 0.3).requires_grad_()  # noqa: E731
-    return mk(e, d, h), mk(e, h), mk(e, h, d_out), mk(e, d_out)
 
 
 def dense_oracle(x, routing, w1, b1, w2, b2, group_size, activation, scale, dropout=0.0, seed=0):
@@ -43,7 +37,7 @@ def test_reference_matches_dense_oracle(n_experts, k, group_size, activation):
     x = torch.randn(n_units * group_size, d, dtype=torch.float64, requires_grad=True)
     logits = torch.randn(n_units, n_experts, dtype=torch.float64, requires_grad=True)
     routing = topk_route(logits, k, backend="reference")
-    weights = make_experts(n_experts, d, h, d_out, seed=n_experts)
+    weights = testing.random_experts(n_experts, d, h, d_out, seed=n_experts)
     y = moe_mlp(x, routing, *weights, group_size=group_size, activation=activation, scale=0.1)
     expected = dense_oracle(x, routing, *weights, group_size, activation, 0.1)
     torch.testing.assert_close(y, expected)
@@ -60,7 +54,7 @@ def test_every_unit_on_one_expert_and_empty_experts():
     routing = topk_route(logits, 2, backend="reference")
     assert routing.counts.tolist() == [4, 0, 0, 4, 0, 0]
     x = torch.randn(4 * 3, 5, dtype=torch.float64)
-    weights = make_experts(6, 5, 4, 5)
+    weights = testing.random_experts(6, 5, 4, 5)
     y = moe_mlp(x, routing, *weights, group_size=3)
     torch.testing.assert_close(y, dense_oracle(x, routing, *weights, 3, "relu", 1.0))
 
@@ -73,7 +67,7 @@ def test_dropout_masks_are_reproducible_and_scaled():
     assert not torch.equal(keep, reference.dropout_keep_mask(8, 0.1, 64, 2, 197, 64, torch.device("cpu")))
     x = torch.randn(8 * 4, 6, dtype=torch.float64)
     routing = topk_route(torch.randn(8, 5, dtype=torch.float64), 2, backend="reference")
-    weights = make_experts(5, 6, 16, 6)
+    weights = testing.random_experts(5, 6, 16, 6)
     a = moe_mlp(x, routing, *weights, group_size=4, dropout=0.25, seed=3)
     torch.testing.assert_close(a, moe_mlp(x, routing, *weights, group_size=4, dropout=0.25, seed=3), rtol=0, atol=0)
     torch.testing.assert_close(a, dense_oracle(x, routing, *weights, 4, "relu", 1.0, dropout=0.25, seed=3))
@@ -83,7 +77,7 @@ def test_dropout_masks_are_reproducible_and_scaled():
 def test_gradcheck_through_routing():
     x = torch.randn(3 * 2, 4, dtype=torch.float64, requires_grad=True)
     logits = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    w1, b1, w2, b2 = make_experts(5, 4, 3, 4)
+    w1, b1, w2, b2 = testing.random_experts(5, 4, 3, 4)
 
     def fn(x, logits, w1, b1, w2, b2):
         routing = topk_route(logits, 2, backend="cpu" if "cpu" in _native() else "reference")
@@ -102,7 +96,7 @@ def test_per_expert_input_matches_fsmoe_dense_loop(k):
     n_experts, batch, d, h, d_out = 11, 6, 8, 12, 5
     x = torch.randn(n_experts, batch, d, dtype=torch.float64)
     routing = topk_route(torch.randn(batch, n_experts, dtype=torch.float64), k, backend="reference")
-    w1, b1, w2, b2 = make_experts(n_experts, d, h, d_out)
+    w1, b1, w2, b2 = testing.random_experts(n_experts, d, h, d_out)
     dense_gates = torch.zeros(batch, n_experts, dtype=torch.float64).scatter(1, routing.indices.long(), routing.gates)
     expected = torch.zeros(batch, d_out, dtype=torch.float64)
     for e in range(n_experts):
@@ -113,7 +107,7 @@ def test_per_expert_input_matches_fsmoe_dense_loop(k):
 def test_errors_name_the_argument():
     x = torch.randn(6, 4)
     routing = topk_route(torch.randn(3, 5), 2)
-    w1, b1, w2, b2 = (t.detach().float() for t in make_experts(5, 4, 3, 4))
+    w1, b1, w2, b2 = (t.detach().float() for t in testing.random_experts(5, 4, 3, 4))
     with pytest.raises(ValueError, match="x has 6 rows but routing has 3 units of group_size=1"):
         moe_mlp(x, routing, w1, b1, w2, b2)
     with pytest.raises(ValueError, match="w1 is \\[E, 4, h\\] but the input width is 5"):
@@ -141,7 +135,6 @@ def test_errors_name_the_argument():
 
 
 # ------------------------------------------------------------------------------------------------ native backends
-from fsosr import testing  # noqa: E402
 from fsosr.ops.moe_mlp import IMPLEMENTED  # noqa: E402
 
 DEVICE = testing.device_under_test()
@@ -170,7 +163,7 @@ def test_hand_built_routing_tables_are_checked(backend, field, bad, error, match
     logits = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
     logits[0, 0] = 10.0                       # expert 0 is picked: indices - 1 has a -1
     routing = topk_route(logits, 2, backend="reference")
-    w1, b1, w2, b2 = (t.detach().float() for t in make_experts(5, 4, 3, 4))
+    w1, b1, w2, b2 = (t.detach().float() for t in testing.random_experts(5, 4, 3, 4))
     with pytest.raises(error, match=match):
         moe_mlp(torch.randn(6, 4), routing._replace(**{field: bad(routing)}), w1, b1, w2, b2, group_size=2,
                 backend=backend)
@@ -324,7 +317,7 @@ def test_native_low_precision(backend, dtype, hidden):
 def test_cpu_gradcheck_and_determinism(group_size):
     x = torch.randn(3 * group_size, 5, dtype=torch.float64, requires_grad=True)
     logits = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    weights = make_experts(4, 5, 3, 6)
+    weights = testing.random_experts(4, 5, 3, 6)
 
     def fn(x, logits, *weights):
         routing = topk_route(logits, 2, backend="cpu")
@@ -546,7 +539,7 @@ def test_triton_refuses_experts_wider_than_its_on_chip_hidden_row(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")   # makes triton usable on CPU tensors, so the shape rule decides
     x = torch.randn(3, 8)
     routing = topk_route(torch.randn(3, 2), 1, backend="reference")
-    wide = make_experts(2, 8, TRITON_MAX_HIDDEN + 1, 8, dtype=torch.float32)
+    wide = testing.random_experts(2, 8, TRITON_MAX_HIDDEN + 1, 8, dtype=torch.float32)
     with pytest.raises(backends.BackendUnavailable, match=rf"cannot run this shape: .*h <= {TRITON_MAX_HIDDEN}"):
         moe_mlp(x, routing, *wide, backend="triton")
     per_expert_x = torch.randn(2, 3, 8)
@@ -555,76 +548,3 @@ def test_triton_refuses_experts_wider_than_its_on_chip_hidden_row(monkeypatch):
     # Automatic on CPU tensors: the cpu backend, whatever the width.
     y = moe_mlp(x, routing, *wide)
     torch.testing.assert_close(y, moe_mlp(x, routing, *wide, backend="reference"), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
-@pytest.mark.parametrize("n_experts,k", [(1, 1), (3, 2), (11, 5), (4, 4)])
-def test_dense_per_expert_form_matches_reference(n_experts, k, activation, dropout):
-    """The cuda backend's dense-masked path for per-expert inputs (fsosr.ops._moe_dense), run here on CPU fp64
-    tensors: forward and every gradient equal the seeds' loop, dropout masks included."""
-    from fsosr.ops._moe_dense import moe_mlp_per_expert_input_dense  # noqa: PLC0415
-
-    g = torch.Generator().manual_seed(n_experts * 10 + k)
-    x = torch.randn(n_experts, 6, 9, generator=g, dtype=torch.float64, requires_grad=True)
-    logits = torch.randn(6, n_experts, generator=g, dtype=torch.float64, requires_grad=True)
-    weights = make_experts(n_experts, 9, 13, 5, seed=k)
-    routing = topk_route(logits, k, backend="reference")
-    args = (routing.indices, routing.gates, *weights, activation, 0.5, dropout, 1234)
-    y = moe_mlp_per_expert_input_dense(x, *args)
-    expected = reference.moe_mlp_per_expert_input(x, *args)
-    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
-    probe = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    got = torch.autograd.grad((y * probe).sum(), (x, logits, *weights), retain_graph=True)
-    want = torch.autograd.grad((expected * probe).sum(), (x, logits, *weights))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-
-def test_dense_per_expert_shape_rule(monkeypatch):
-    from fsosr.ops._moe_dense import use_dense_per_expert  # noqa: PLC0415
-
-    monkeypatch.delenv("FSOSR_MOE_MLP_PATH", raising=False)
-    assert use_dense_per_expert(11, 5) and use_dense_per_expert(8, 2)
-    assert not use_dense_per_expert(22, 2) and not use_dense_per_expert(9, 2)
-    monkeypatch.setenv("FSOSR_MOE_MLP_PATH", "routed")
-    assert not use_dense_per_expert(11, 5)
-    monkeypatch.setenv("FSOSR_MOE_MLP_PATH", "dense")
-    assert use_dense_per_expert(22, 2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("path", ["automatic", "routed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_fsmoe_shape_runs_automatically_on_cuda(dtype, path, monkeypatch):
-    """FSMoE's layer experts (B 32, E 11, k 5, 768 -> 1536 -> 512): the automatic choice on CUDA tensors is the
-    cuda backend (triton cannot hold h = 1536), which takes its dense-masked path (11 <= 4 * 5); forced routed,
-    the SIMT kernels. Both match the fp64 reference, forward and backward."""
-    if path == "routed":
-        monkeypatch.setenv("FSOSR_MOE_MLP_PATH", "routed")
-    else:
-        monkeypatch.delenv("FSOSR_MOE_MLP_PATH", raising=False)
-    device = torch.device("cuda")
-    g = torch.Generator().manual_seed(3)
-    x64 = torch.randn(11, 32, 768, generator=g, dtype=torch.float64)
-    logits64 = torch.randn(32, 11, generator=g, dtype=torch.float64)
-    weights64 = make_experts(11, 768, 1536, 512, seed=5)
-    probe = torch.randn(32, 512, generator=g, dtype=torch.float64)
-    assert backends.resolve("moe_mlp", None, device, unsupported={"triton": "wide"}) == "cuda"
-
-    def run(x, logits, weights, backend):
-        x = x.detach().requires_grad_()
-        routing = topk_route(logits, 5, backend="reference" if backend == "reference" else None)
-        y = moe_mlp_per_expert_input(x, routing, *weights, backend=backend)
-        grads = torch.autograd.grad((y * probe.to(y)).sum(), (x, *weights))
-        return y, grads
-
-    rounded = lambda t: t.detach().to(dtype).double()  # noqa: E731 - the reference sees the inputs the GPU sees
-    y_ref, grads_ref = run(rounded(x64), rounded(logits64), [rounded(w).requires_grad_() for w in weights64],
-                           "reference")
-    weights = [w.detach().to(device, dtype).requires_grad_() for w in weights64]
-    y, grads = run(x64.to(device, dtype), logits64.to(device, dtype), weights, None)
-    tol = dict(rtol=0, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=0, atol=1e-5)
-    for got, want in zip((y, *grads), (y_ref, *grads_ref)):     # compared relative to each tensor's largest entry
-        scale = want.abs().max()
-        torch.testing.assert_close(got.double().cpu() / scale, want / scale, **tol)

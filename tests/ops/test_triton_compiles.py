@@ -20,8 +20,8 @@ from fsosr.ops.moe_mlp import TRITON_MAX_HIDDEN
 
 H100_SHARED_BYTES = 232448   # per block, opt-in maximum (227 KiB)
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-KERNEL_MODULES = ["fsosr._triton.masked_adamw", "fsosr._triton.moe_mlp", "fsosr._triton.moe_mlp_units",
-                  "fsosr._triton.sparse_adapter", "fsosr._triton.topk_route"]
+KERNEL_MODULES = ["fsosr._triton.masked_adamw", "fsosr._triton.moe_mlp", "fsosr._triton.moe_mlp_dense",
+                  "fsosr._triton.moe_mlp_units", "fsosr._triton.sparse_adapter", "fsosr._triton.topk_route"]
 
 if os.environ.get("FSOSR_TRITON_LAUNCH_LOG"):
     pytest.skip("the recording run (started by this module) must not start itself", allow_module_level=True)
