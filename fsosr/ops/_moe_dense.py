@@ -79,7 +79,7 @@ def moe_mlp_per_expert_input_dense(x: torch.Tensor, indices: torch.Tensor, gates
     acc = reference.accumulation_dtype(x.dtype)
     x, w1, b1, w2, b2 = (t.to(acc) for t in (x, w1, b1, w2, b2))
     num_experts, num_units, _ = x.shape
-    k, hidden_width = indices.shape[1], w1.shape[2]
+    hidden_width = w1.shape[2]
     slots = indices.long()
     # Few, large kernels: on the H100 host each small torch op costs 25-40 us of host time, which at this form's
     # sizes outweighs its device time (the step is host-bound), so the dropout multipliers are one launch and the
