@@ -20,7 +20,7 @@ from torch import nn
 from fsosr.models.alexnet import ALEXNET_FEATURE_DIM, AlexNetFeatures, build_alexnet_features
 from fsosr.models.checkpoint import CheckpointMismatchError, load_state_dict_file, save_state_dict
 from fsosr.models.clip import ClipBackbone, ImageFeatures, create_clip
-from fsosr.models.clip_loading import FSOSR_CLIP_CONFIGS, list_clip_models
+from fsosr.models.clip_loading import FSOSR_CLIP_CONFIGS, is_open_clip_config, list_clip_models
 from fsosr.models.params import count_parameters, freeze, trainable_parameters, trainable_summary, unfreeze
 from fsosr.models.resnet12 import ResNet12, build_resnet12, load_resnet12_weights
 from fsosr.models.vit import VIT_B16_IN21K, AdapterViT, build_vit
@@ -35,8 +35,8 @@ _NON_CLIP = ("resnet12", "alexnet")
 
 
 def list_models() -> list[str]:
-    """Names :func:`create_model` accepts: CLIP names, ``resnet12``, ``alexnet``; any timm ViT name
-    (``vit_*``) is accepted too (see ``timm.list_models("vit_*")``)."""
+    """Names :func:`create_model` accepts: the CLIP configs it can build, ``resnet12``, ``alexnet``; any timm ViT
+    name (``vit_*``) is accepted too (see ``timm.list_models("vit_*")``)."""
     return list_clip_models() + list(_NON_CLIP)
 
 
@@ -45,8 +45,13 @@ def create_model(name: str, checkpoint: str | os.PathLike | None = None, **kwarg
 
     ``vit_*`` → :func:`build_vit` (kwargs: adapter, num_classes, …); ``resnet12`` → :func:`build_resnet12`;
     ``alexnet`` → :func:`build_alexnet_features`; any CLIP name → :func:`create_clip` (kwargs: precision, device).
+    A ``vit_*`` name that is also an open_clip config (``vit_medium_patch16_gap_256``) is refused: which model
+    it means is ambiguous; call :func:`build_vit` or :func:`create_clip` directly.
     """
     if name.startswith("vit_"):
+        if is_open_clip_config(name):  # else a CLIP name would silently give a timm classifier
+            raise ValueError(f"create_model: {name!r} names both a timm ViT and an open_clip CLIP config; call "
+                             f"build_vit({name!r}) for the timm ViT or create_clip({name!r}) for the CLIP")
         return build_vit(name, checkpoint, **kwargs)
     if name == "resnet12":
         return build_resnet12(checkpoint, **kwargs)

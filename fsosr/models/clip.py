@@ -66,7 +66,13 @@ class _TextTower:
         self.eos_id = getattr(owner, "text_eos_id", getattr(owner, "eos_id", None))
 
     def __getattr__(self, name):
-        return getattr(self.owner, name)
+        # Called only for names missing from the instance. While copy.deepcopy or pickle rebuild a _TextTower,
+        # "owner" is not set yet and they probe dunders such as __setstate__: answering those through
+        # self.owner would call __getattr__("owner") again, without end.
+        owner = self.__dict__.get("owner")
+        if owner is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(owner, name)
 
 
 class ClipBackbone(nn.Module):
@@ -96,8 +102,12 @@ class ClipBackbone(nn.Module):
 
     @property
     def image_size(self) -> int:
+        return self._image_hw[0]
+
+    @property
+    def _image_hw(self) -> tuple[int, int]:
         size = self.clip.visual.image_size
-        return int(size[0] if isinstance(size, (tuple, list)) else size)
+        return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
 
     @property
     def embed_dim(self) -> int:
@@ -217,8 +227,11 @@ class ClipBackbone(nn.Module):
         """One pass over the image tower returning the taps asked for (see :class:`ImageFeatures`).
         ``normalize`` L2-normalises ``embedding`` and ``local`` (not the raw-residual taps)."""
         visual = self.clip.visual
-        if images.dim() != 4:
-            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        # the position embedding has a fixed grid: another size would fail later as a bare broadcasting error
+        expected = (visual.conv1.in_channels, *self._image_hw)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"{self.name} takes images [B, {', '.join(map(str, expected))}] (its image size), "
+                             f"got {tuple(images.shape)}; resize them to {self._image_hw[0]}×{self._image_hw[1]}")
         x = visual._embeds(images.to(visual.conv1.weight.dtype))
         x, cls_tokens = self._run_blocks(visual.transformer, x, None, self.vision_adapters, keep_cls=layer_cls,
                                          stop_before_last=local)

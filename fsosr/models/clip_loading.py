@@ -10,10 +10,14 @@ Accepted checkpoints:
 - an OpenAI TorchScript archive (``ViT-B-16.pt`` from OpenAI's CLIP release), its weights read as
   ``open_clip.load_openai_model`` reads them but loaded into the named architecture (see
   :func:`_torchscript_state_dict`). OpenAI's models use QuickGELU; a name without ``-quickgelu`` is built with it
-  anyway (with a warning), because the other activation silently changes every feature.
+  anyway (with a warning), because the other activation silently changes every feature; :func:`save_open_clip`
+  records the activation, so such a model saved and reloaded under the same name keeps QuickGELU.
 
 The loaded weights are checked key by key and shape by shape against the named architecture; a file for another
 model raises :class:`~fsosr.models.checkpoint.CheckpointMismatchError` naming the file and the expected model.
+
+Only configs with open_clip's own ViT image tower and text transformer, tokenised by open_clip's BPE tokenizer, are
+supported (:func:`unsupported_clip_reason`): fsosr's taps and adapter slots reach into those modules.
 """
 from __future__ import annotations
 
@@ -31,8 +35,8 @@ from torch import nn
 from fsosr.models.checkpoint import (CheckpointMismatchError, load_into, load_state_dict_file, require_file,
                                      save_state_dict)
 
-__all__ = ["FSOSR_CLIP_CONFIGS", "build_open_clip", "clip_config", "is_torchscript_archive", "list_clip_models",
-           "save_open_clip"]
+__all__ = ["FSOSR_CLIP_CONFIGS", "build_open_clip", "clip_config", "is_open_clip_config", "is_torchscript_archive",
+           "list_clip_models", "save_open_clip", "unsupported_clip_reason"]
 
 # Small configs in open_clip's config format. Token embeddings (49,408 × text width) dominate their size.
 FSOSR_CLIP_CONFIGS: dict[str, dict] = {
@@ -60,9 +64,34 @@ def _open_clip():
     return open_clip
 
 
+def unsupported_clip_reason(config: dict) -> str | None:
+    """Why fsosr cannot build the open_clip ``config``, or None when it can."""
+    vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
+    if "timm_model_name" in vision:
+        return "its image tower is a timm model, not open_clip's VisionTransformer"
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return "its image tower is a ModifiedResNet, not open_clip's VisionTransformer"
+    if "hf_model_name" in text:
+        return "its text tower is a Hugging Face model, not open_clip's text transformer"
+    if "hf_tokenizer_name" in text:
+        # ClipBackbone tokenises with open_clip's BPE SimpleTokenizer: another vocabulary gives wrong token ids
+        return f"it needs the Hugging Face tokenizer {text['hf_tokenizer_name']!r}, not open_clip's BPE tokenizer"
+    if "multimodal_cfg" in config:
+        return "it is a CoCa model (text tower with a class token and a caption decoder)"
+    return None
+
+
 def list_clip_models() -> list[str]:
-    """Every name :func:`build_open_clip` accepts: fsosr's configs, then open_clip's."""
-    return sorted(FSOSR_CLIP_CONFIGS) + list(_open_clip().list_models())
+    """Every name :func:`build_open_clip` can build: fsosr's configs, then open_clip's supported ones."""
+    open_clip = _open_clip()
+    supported = [name for name in open_clip.list_models()
+                 if unsupported_clip_reason(open_clip.get_model_config(name)) is None]
+    return sorted(FSOSR_CLIP_CONFIGS) + supported
+
+
+def is_open_clip_config(name: str) -> bool:
+    """True when ``name`` is one of fsosr's or open_clip's CLIP configs, supported or not."""
+    return name in FSOSR_CLIP_CONFIGS or _open_clip().get_model_config(name) is not None
 
 
 def clip_config(name: str) -> dict:
@@ -78,21 +107,24 @@ def clip_config(name: str) -> dict:
 
 
 def is_torchscript_archive(path: str | os.PathLike) -> bool:
-    """True for a TorchScript zip (has ``code/`` entries), False for torch.save zips and other files."""
+    """True for a TorchScript zip (``<root>/code/`` or ``<root>/constants.pkl`` entries), False for torch.save zips
+    and other files. Only the second path component counts: both formats name the top folder after the file's
+    stem, so a state dict saved as ``code.pt`` has entries ``code/data.pkl``."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        return any("/code/" in entry or entry.startswith("code/") for entry in archive.namelist())
+        for entry in archive.namelist():
+            parts = entry.split("/")
+            if (len(parts) > 2 and parts[1] == "code") or parts[1:] == ["constants.pkl"]:
+                return True
+    return False
 
 
 def _build_random(name: str, config: dict, *, quick_gelu: bool) -> nn.Module:
     """The named architecture with open_clip's random init, on the CPU in fp32."""
     open_clip = _open_clip()
     if name in FSOSR_CLIP_CONFIGS:
-        return open_clip.CLIP(**config, quick_gelu=quick_gelu)
-    if "hf_model_name" in config.get("text_cfg", {}) or "timm_model_name" in config.get("vision_cfg", {}):
-        raise ValueError(f"{name}: fsosr supports open_clip models with their own ViT and text transformer towers; "
-                         f"this config uses a Hugging Face or timm tower")
+        return open_clip.CLIP(**dict(config, quick_gelu=quick_gelu))  # the flag wins over a config's own
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip logs "No pretrained weights loaded" at WARNING: that is the intent here
@@ -132,6 +164,26 @@ def _torchscript_state_dict(path: Path, name: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.endswith("attn_mask")}
 
 
+def _saved_activation(saved: dict, config: dict, path: Path, name: str) -> bool:
+    """Check a file's saved config against ``name``'s and return the QuickGELU flag to build with.
+
+    The activation is compared apart from the rest: a model built with QuickGELU under a plain name (an OpenAI
+    archive) is saved with ``quick_gelu: true``, and rebuilding it needs QuickGELU again. A name that demands
+    QuickGELU (``-quickgelu``) still refuses a file saved from a GELU model."""
+    saved_quick_gelu = bool(saved.get("quick_gelu", False))
+    same_architecture = ({k: v for k, v in saved.items() if k != "quick_gelu"}
+                         == {k: v for k, v in config.items() if k != "quick_gelu"})
+    if not same_architecture or (config.get("quick_gelu") and not saved_quick_gelu):
+        raise CheckpointMismatchError(f"{path} was saved for another architecture than {name}: "
+                                      f"file config {saved} vs {config}")
+    return saved_quick_gelu
+
+
+def _uses_quick_gelu(model: nn.Module) -> bool:
+    from open_clip.transformer import QuickGELU
+    return any(isinstance(module, QuickGELU) for module in model.modules())
+
+
 def build_open_clip(name: str, checkpoint: str | os.PathLike | None = None, *,
                     precision: str = "fp32", device: str | torch.device = "cpu") -> nn.Module:
     """An open_clip ``CLIP`` of architecture ``name`` with the weights of ``checkpoint`` (random init if None).
@@ -139,6 +191,10 @@ def build_open_clip(name: str, checkpoint: str | os.PathLike | None = None, *,
     precision: ``fp32`` | ``bf16`` | ``fp16`` (weights cast; fp32 is what the methods' seeds train with).
     """
     config = clip_config(name)
+    reason = unsupported_clip_reason(config)
+    if reason is not None:
+        raise ValueError(f"{name}: fsosr supports open_clip models with their own ViT and text transformer towers "
+                         f"and BPE tokenizer; {reason}")
     quick_gelu = bool(config.get("quick_gelu", False))
     if checkpoint is None:
         model = _build_random(name, config, quick_gelu=quick_gelu)
@@ -153,9 +209,8 @@ def build_open_clip(name: str, checkpoint: str | os.PathLike | None = None, *,
             state = _torchscript_state_dict(path, name)
         else:
             saved = _metadata_config(path)
-            if saved is not None and saved != config:
-                raise CheckpointMismatchError(f"{path} was saved for another architecture than {name}: "
-                                              f"file config {saved} vs {config}")
+            if saved is not None:
+                quick_gelu = _saved_activation(saved, config, path, name)
             model = _build_random(name, config, quick_gelu=quick_gelu)
             state = load_state_dict_file(path, f"CLIP {name}")
             # open_clip stores logit_scale as a 0-d tensor; some exports store shape [1]
@@ -170,8 +225,10 @@ def build_open_clip(name: str, checkpoint: str | os.PathLike | None = None, *,
 
 def save_open_clip(model: nn.Module, name: str, path: str | os.PathLike) -> Path:
     """Write an open_clip model's weights so that ``build_open_clip(name, path)`` rebuilds it (safetensors with the
-    config in its header, so a later load can tell a file for another architecture apart)."""
-    metadata = {_METADATA_KEY: json.dumps(clip_config(name), sort_keys=True), "fsosr_clip_name": name}
+    config in its header, so a later load can tell a file for another architecture apart). The config records the
+    model's actual activation (``quick_gelu``), which may differ from the name's (see the module docstring)."""
+    config = dict(clip_config(name), quick_gelu=_uses_quick_gelu(model))
+    metadata = {_METADATA_KEY: json.dumps(config, sort_keys=True), "fsosr_clip_name": name}
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save_open_clip writes .safetensors files, got {path}")

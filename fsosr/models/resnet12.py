@@ -114,6 +114,8 @@ class ResNet12Block(nn.Module):
         if self.drop_rate <= 0.0:
             return out
         if self.drop_block:
+            if not self.training:  # DropBlock is the identity in eval: no γ, so no minimum map size either
+                return out
             gamma = dropblock_gamma(self.schedule_step, out.shape[2], self.dropblock.block_size, self.drop_rate)
             return self.dropblock(out, gamma)
         return F.dropout(out, p=self.drop_rate, training=self.training)

@@ -13,6 +13,8 @@ Weights: ``.safetensors`` / ``.pth`` / ``.bin`` (timm's state-dict layout, throu
 and timm's ``checkpoint_filter_fn``, which resamples position embeddings to another image size) or the original
 Google ``.npz`` (``ViT-B_16.npz``, read by timm's own ``load_pretrained``, which needs no network). A head whose
 shape differs from the file's (another number of classes) keeps its fresh initialisation, as in any fine-tuning.
+timm would also resample a patch-embedding kernel of another size (ViT-B/32 weights into a ViT-B/16), so the
+patch size is checked before either loader runs: a file for another patch size is a CheckpointMismatchError.
 
 Tiny test model: ``build_vit("vit_tiny_patch16_224", **TINY_VIT_KWARGS, num_classes=5)``.
 """
@@ -222,6 +224,9 @@ def _load_vit_weights(model: AdapterViT, path: str | os.PathLike) -> None:
     state = load_state_dict_file(path, expected)
     if state and all(key.startswith("vit.") for key in state):  # AdapterViT.state_dict() rather than save()
         state = {key[len("vit."):]: value for key, value in state.items()}
+    kernel = state.get("patch_embed.proj.weight")
+    if kernel is not None and kernel.dim() == 4:  # [d, 3, ph, pw]; older linear layouts are timm's to convert
+        _check_patch_size(model, tuple(kernel.shape[2:]), path, expected)
     from timm.models.vision_transformer import checkpoint_filter_fn
     try:  # timm's own conversions: pos-embed resampling for another image size, old patch-embed layouts
         state = checkpoint_filter_fn(state, model.vit)
@@ -239,20 +244,32 @@ def _load_vit_weights(model: AdapterViT, path: str | os.PathLike) -> None:
     load_into(model.vit, state, path=path, expected=expected, ignore=ignore)
 
 
+def _check_patch_size(model: AdapterViT, file_kernel: tuple[int, ...], path: Path, expected: str) -> None:
+    """CheckpointMismatchError when the file's patch-embedding kernel differs from the model's: timm would resample
+    it, silently turning e.g. ViT-B/32 weights into a ViT-B/16 that was never trained."""
+    model_kernel = tuple(model.vit.patch_embed.proj.weight.shape[2:])
+    if tuple(file_kernel) != model_kernel:
+        raise CheckpointMismatchError(
+            f"{path} does not hold weights for {expected}: patch size {'×'.join(map(str, file_kernel))} in the file "
+            f"vs {'×'.join(map(str, model_kernel))} in the model (another ViT variant)")
+
+
 def _load_google_npz(model: AdapterViT, path: Path, expected: str) -> None:
     """Google's original ViT ``.npz`` through timm's ``load_pretrained`` (numpy only, no network).
 
-    timm skips blocks beyond the model's depth and resamples position embeddings silently, so the depth and
-    width are checked here first.
+    timm skips blocks beyond the model's depth and resamples position embeddings and the patch kernel silently,
+    so the depth, width and patch size are checked here first.
     """
     import numpy as np
 
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = set(archive.files)
-            width = archive["embedding/kernel"].shape[-1] if "embedding/kernel" in keys else None
+            # kernel in JAX's HWIO layout: [ph, pw, 3, d]
+            kernel_shape = archive["embedding/kernel"].shape if "embedding/kernel" in keys else None
     except (OSError, ValueError) as exc:
         raise CheckpointMismatchError(f"{path}: not a readable .npz archive for {expected} ({exc})") from exc
+    width = kernel_shape[-1] if kernel_shape is not None else None
     depth = len({key.split("/")[1] for key in keys if key.startswith("Transformer/encoderblock_")})
     problems = []
     if width is None:
@@ -263,6 +280,8 @@ def _load_google_npz(model: AdapterViT, path: Path, expected: str) -> None:
         problems.append(f"{depth} blocks vs model {len(model.vit.blocks)}")
     if problems:
         raise CheckpointMismatchError(f"{path} does not hold weights for {expected}: " + "; ".join(problems))
+    if len(kernel_shape) == 4:
+        _check_patch_size(model, kernel_shape[:2], path, expected)
     try:
         model.vit.load_pretrained(str(path))
     except (KeyError, RuntimeError, ValueError) as exc:

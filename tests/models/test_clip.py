@@ -2,6 +2,9 @@
 loading (open_clip state dicts, OpenAI TorchScript) and its errors. Tiny random-init models only."""
 from __future__ import annotations
 
+import copy
+import io
+import pickle
 import warnings
 
 import pytest
@@ -11,7 +14,8 @@ from torch import nn
 
 from fsosr.models.checkpoint import CheckpointMismatchError
 from fsosr.models.clip import ClipBackbone, create_clip
-from fsosr.models.clip_loading import build_open_clip, clip_config, is_torchscript_archive, list_clip_models
+from fsosr.models.clip_loading import (FSOSR_CLIP_CONFIGS, build_open_clip, clip_config, is_torchscript_archive,
+                                       list_clip_models)
 from fsosr.nn import MoEAdapter
 
 PROMPTS = ["a photo of a cat.", "seven", "a photo of the digit nine.", ""]
@@ -105,6 +109,13 @@ def test_text_from_embeddings_shorter_than_context(tiny):
         short = tiny.encode_text_embeddings(tiny.token_embedding(tokens[:, :n]), tiny.pool_index(tokens))
     # causal attention: positions after EOT never influence it
     torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_image_size_names_the_expected_size(tiny):
+    with pytest.raises(ValueError, match=r"fsosr-tiny takes images \[B, 3, 32, 32\].*\(2, 3, 28, 28\).*32×32"):
+        tiny.encode_image(torch.randn(2, 3, 28, 28))
+    with pytest.raises(ValueError, match=r"\[B, 3, 32, 32\].*\(2, 1, 32, 32\)"):
+        tiny.image_features(torch.randn(2, 1, 32, 32))
 
 
 # --- adapter slots ---------------------------------------------------------------------------------------------------
@@ -203,6 +214,42 @@ def test_adapters_reject_unsupported_tower(tiny):
         tiny.add_moe_adapters(towers=("audio",))
 
 
+# --- whole-model copies (EMA / best-checkpoint copies, whole-model torch.save) -----------------------------------------
+def _torch_save_round_trip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+COPIERS = {"deepcopy": copy.deepcopy, "pickle": lambda m: pickle.loads(pickle.dumps(m)),
+           "torch.save": _torch_save_round_trip}
+
+
+@pytest.mark.parametrize("how", sorted(COPIERS))
+def test_whole_model_copies_give_equal_outputs_and_own_text_tower(images, how):
+    model = _fresh_tiny()
+    model.add_moe_adapters(num_experts=3, k=2, bottleneck=8, num_routers=1, noisy=False)
+    _perturb_adapters(model)
+    model.eval()
+    tokens = model.tokenize(PROMPTS)
+    duplicate = COPIERS[how](model)
+    with torch.no_grad():
+        assert torch.equal(duplicate.encode_image(images), model.encode_image(images))
+        assert torch.equal(duplicate.encode_text(tokens), model.encode_text(tokens))
+        # the copy's text tower is the copy's own CLIP: changing it leaves the original alone
+        assert duplicate._text.owner is duplicate.clip and duplicate._text.owner is not model.clip
+        before = model.encode_text(tokens)
+        duplicate.token_embedding.weight.add_(1.0)
+        assert torch.equal(model.encode_text(tokens), before)
+        assert not torch.allclose(duplicate.encode_text(tokens), before, atol=1e-3)
+
+
+def test_text_tower_attribute_errors_stay_attribute_errors(tiny):
+    assert not hasattr(tiny._text, "no_such_attribute")
+    assert tiny._text.ln_final is tiny.clip.ln_final
+
+
 # --- loading and saving ----------------------------------------------------------------------------------------------
 def test_save_load_round_trip_safetensors_and_pickles(tmp_path, images):
     source = _fresh_tiny(seed=5)
@@ -261,6 +308,53 @@ def test_openai_torchscript_archive(tmp_path, images):
         torch.testing.assert_close(p, source.state_dict()[name].half().float(), rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_torchscript_model_saved_and_reloaded_keeps_quick_gelu(tmp_path, images):
+    """An OpenAI archive under a plain name is built with QuickGELU; save() + create_clip(name, path) must give the
+    same model back, not a GELU one."""
+    torch.manual_seed(3)
+    path = tmp_path / "ViT-tiny.pt"
+    torch.jit.trace(_FlatClip(build_open_clip("fsosr-tiny")).half(), torch.ones(2, dtype=torch.half)).save(str(path))
+    with pytest.warns(UserWarning, match="QuickGELU"):
+        model = create_clip("fsosr-tiny", path)
+    resaved = model.save(tmp_path / "resaved.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file says QuickGELU: nothing to warn about
+        reloaded = create_clip(model.name, resaved)
+    assert type(reloaded.clip.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    tokens = model.tokenize(PROMPTS)
+    with torch.no_grad():
+        assert torch.equal(reloaded.encode_image(images), model.encode_image(images))
+        assert torch.equal(reloaded.encode_text(tokens), model.encode_text(tokens))
+
+
+def test_quickgelu_name_refuses_a_file_saved_from_a_gelu_model(tmp_path, monkeypatch):
+    monkeypatch.setitem(FSOSR_CLIP_CONFIGS, "fsosr-tiny-quickgelu", dict(clip_config("fsosr-tiny"), quick_gelu=True))
+    gelu_file = _fresh_tiny().save(tmp_path / "gelu.safetensors")
+    with pytest.raises(CheckpointMismatchError, match="another architecture than fsosr-tiny-quickgelu"):
+        create_clip("fsosr-tiny-quickgelu", gelu_file)
+    quick = create_clip("fsosr-tiny-quickgelu")
+    reloaded = create_clip("fsosr-tiny-quickgelu", quick.save(tmp_path / "quick.safetensors"))
+    assert type(reloaded.clip.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_state_dict_named_code_pt_is_not_torchscript(tmp_path, images):
+    """torch.save names the zip's top folder after the file stem: code.pt holds code/data.pkl, not TorchScript."""
+    source = _fresh_tiny(seed=4)
+    torch.save(source.clip.state_dict(), tmp_path / "code.pt")
+    assert not is_torchscript_archive(tmp_path / "code.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a TorchScript guess would warn about QuickGELU
+        loaded = create_clip("fsosr-tiny", tmp_path / "code.pt")
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), source.encode_image(images))
+    (tmp_path / "archive").mkdir()
+    scripted = tmp_path / "archive" / "code.pt"
+    torch.jit.trace(_FlatClip(source.clip), torch.ones(2)).save(str(scripted))
+    assert is_torchscript_archive(scripted)
+
+
 def test_missing_file_names_path_and_model(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"CLIP fsosr-tiny.*nowhere\.safetensors"):
         create_clip("fsosr-tiny", tmp_path / "nowhere.safetensors")
@@ -302,6 +396,22 @@ def test_names_and_configs():
         assert name in names
     assert clip_config("ViT-B-16-quickgelu").get("quick_gelu") is True
     assert clip_config("ViT-B-16")["vision_cfg"]["patch_size"] == 16
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("ViT-L-14-CLIPA", "Hugging Face tokenizer 'bert-base-uncased'"),
+    ("ViT-H-14-worldwide", "Hugging Face tokenizer 'facebook/xlm-v-base'"),
+    ("ViT-B-16-SigLIP", "timm model"),
+    ("RN50", "ModifiedResNet"),
+    ("xlm-roberta-base-ViT-B-32", "Hugging Face model"),
+    ("coca_ViT-B-32", "CoCa"),
+])
+def test_unsupported_configs_are_refused_before_building(name, reason):
+    """fsosr tokenises with open_clip's BPE tokenizer and taps open_clip's own towers: other configs would fail
+    later (CLIPA: IndexError) or silently pool the wrong token (worldwide)."""
+    with pytest.raises(ValueError, match=rf"{name}: fsosr supports .*{reason}"):
+        create_clip(name)
+    assert name not in list_clip_models()
 
 
 def test_vit_b16_architecture_builds_offline():

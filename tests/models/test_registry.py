@@ -16,6 +16,28 @@ def test_create_model_dispatch():
     assert {"fsosr-tiny", "ViT-B-16", "resnet12", "alexnet"} <= set(names)
 
 
+def test_list_models_holds_only_buildable_clip_configs():
+    """Every open_clip config left out of list_models is one create_model refuses (timm/ResNet towers, Hugging Face
+    towers or tokenizers, CoCa); no listed CLIP name is routed to the timm ViT builder."""
+    import open_clip
+
+    names = set(list_models())
+    assert {"ViT-B-16", "ViT-B-16-quickgelu", "ViT-L-14", "ViT-bigG-14"} <= names
+    left_out = [n for n in open_clip.list_models() if n not in names]
+    assert {"RN50", "ViT-B-16-SigLIP", "coca_ViT-B-32", "ViT-L-14-CLIPA", "ViT-H-14-worldwide", "EVA02-B-16",
+            "convnext_base", "vit_medium_patch16_gap_256", "vit_relpos_medium_patch16_cls_224"} <= set(left_out)
+    assert not [n for n in names if n.startswith("vit_")]
+    for name in left_out:
+        with pytest.raises(ValueError, match=r"fsosr supports|names both a timm ViT and an open_clip"):
+            create_model(name)
+
+
+@pytest.mark.parametrize("name", ["vit_medium_patch16_gap_256", "vit_relpos_medium_patch16_cls_224"])
+def test_vit_name_that_is_also_a_clip_config_is_not_silently_a_timm_classifier(name):
+    with pytest.raises(ValueError, match=rf"'{name}' names both a timm ViT and an open_clip CLIP config"):
+        create_model(name)
+
+
 def test_unknown_name_and_bad_options():
     with pytest.raises(ValueError, match="unknown CLIP model 'resnet50x'"):
         create_model("resnet50x")

@@ -51,6 +51,18 @@ def test_stage_structure_by_hand(images):
     assert torch.allclose(model(images), maps[-1].mean(dim=(2, 3)), atol=1e-6)
 
 
+def test_small_images_run_in_eval_and_fail_clearly_in_training():
+    """32×32 images give 4×4 stage-3 maps, smaller than DropBlock's default block 5: fine in eval (DropBlock does
+    nothing there), an error naming the sizes in training."""
+    small_images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    model = small_resnet(seed=4).eval()
+    plain = small_resnet(seed=4, drop_rate=0.0).eval()  # same weights, no dropout of any kind
+    with torch.no_grad():
+        assert torch.equal(model(small_images), plain(small_images))
+    with pytest.raises(ValueError, match="feature map 4×4 is smaller than the block size 5"):
+        model.train()(small_images)
+
+
 def test_dropblock_size_and_gamma_schedule():
     assert dropblock_size_for("miniImageNet") == 5 and dropblock_size_for("tieredImageNet") == 5
     assert dropblock_size_for("CIFAR-FS") == 2 and dropblock_size_for("FC100") == 2

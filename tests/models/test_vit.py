@@ -216,6 +216,35 @@ def test_adapter_checkpoint_into_a_model_without_adapters_is_a_mismatch(tmp_path
         build_vit(NAME, path, num_classes=CLASSES, **TINY_VIT_KWARGS)
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".npz"])
+@pytest.mark.parametrize("model_patch", [4, 16])
+def test_file_of_another_patch_size_raises_mismatch(tmp_path, suffix, model_patch):
+    """timm would resample the 8×8 patch kernel to the model's size: ViT-B/32 weights into a ViT-B/16."""
+    reference = tiny_timm()  # patch 8
+    path = tmp_path / f"patch8{suffix}"
+    if suffix == ".npz":
+        write_google_npz(reference, path)
+    else:
+        save_state_dict(reference.state_dict(), path)
+    with pytest.raises(CheckpointMismatchError) as info:
+        build_vit(NAME, path, num_classes=CLASSES, **dict(TINY_VIT_KWARGS, patch_size=model_patch))
+    message = str(info.value)
+    assert str(path) in message and f"patch size 8×8 in the file vs {model_patch}×{model_patch} in the model" in message
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_another_image_size_still_resamples_position_embeddings(tmp_path, suffix):
+    reference = tiny_timm()  # 32×32 images, patch 8: 4×4 grid
+    path = tmp_path / f"img32{suffix}"
+    if suffix == ".npz":
+        write_google_npz(reference, path)
+    else:
+        save_state_dict(reference.state_dict(), path)
+    model = build_vit(NAME, path, num_classes=CLASSES, **dict(TINY_VIT_KWARGS, img_size=48))  # 6×6 grid
+    assert model.vit.pos_embed.shape == (1, 1 + 36, 32)
+    assert torch.equal(model.vit.patch_embed.proj.weight, reference.patch_embed.proj.weight)
+
+
 def test_npz_of_another_depth_raises_mismatch(tmp_path):
     path = write_google_npz(tiny_timm(depth=3), tmp_path / "deep.npz")
     with pytest.raises(CheckpointMismatchError) as info:

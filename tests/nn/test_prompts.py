@@ -79,6 +79,27 @@ def test_truncated_prompts_match_full_length(clip64, position):
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_coop_learner_copies_whole_with_its_own_clip(clip, how):
+    """An EMA / best-checkpoint copy of a learner (copy.deepcopy, whole-model torch.save) carries its CLIP along."""
+    import copy
+    import io
+
+    learner = CoOpPromptLearner(clip, NAMES, ctx_init="a photo of a")
+    if how == "deepcopy":
+        duplicate = copy.deepcopy(learner)
+    else:
+        buffer = io.BytesIO()
+        torch.save(learner, buffer)
+        buffer.seek(0)
+        duplicate = torch.load(buffer, weights_only=False)
+    assert duplicate.clip is not clip and duplicate.clip._text.owner is duplicate.clip.clip
+    with torch.no_grad():
+        assert torch.equal(duplicate.text_features(), learner.text_features())
+        feats = clip.encode_image(images(2), normalize=True)
+        assert torch.equal(duplicate.logits(feats), learner.logits(feats))
+
+
 def test_coop_class_specific(clip):
     words = ["a photo of a", "a drawing of the", "itap of my"]
     learner = CoOpPromptLearner(clip, NAMES, n_ctx=4, class_specific=True, truncate=False)
