@@ -52,6 +52,7 @@ import argparse
 import os
 import sys
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ FPR_CONVENTIONS = {  # --fpr-convention value -> (metric, what it measures)
     "openood": (metrics.openood_fpr_at_tpr, "OpenOOD v1.5, OOD positive: share of ID rejected once {tpr} of OOD "
                                             "is rejected"),
 }
+AUROC_CONVENTIONS = ("sklearn", "arpl")  # fsosr.metrics.auroc's conventions
 
 
 class ScoreFileError(ValueError):
@@ -80,14 +82,15 @@ class ScoreFileError(ValueError):
 class Evaluation:
     """A table plus what the plots and the re-saved ``.npz`` need.
 
-    pairs: (name, known scores, unknown scores, known_correct or None) per OOD set / split; matrices: (run name,
-    accuracy matrix as fractions, task names or None, has a zero-shot row) per CL run; arrays: the inputs under
-    their file keys.
+    pairs: (name, known scores, unknown scores, known_correct or None) per OOD set (named ``<group>/<name>`` in a
+    group) / split; matrices: (run name, accuracy matrix as fractions, task names or None, has a zero-shot row) per
+    CL run; arrays: the inputs under their file keys; auroc_convention: the table's, for the ROC plot's legend.
     """
     table: Table
     pairs: list[tuple] = field(default_factory=list)
     matrices: list[tuple] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    auroc_convention: str = "sklearn"
 
 
 def _log(message: str) -> None:
@@ -132,12 +135,21 @@ def save_scores(path, arrays: Mapping | None = None, /, **named) -> Path:
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            np.savez(file, **flat)
+            _write_npz(file, flat)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _write_npz(file, arrays: dict[str, np.ndarray]) -> None:
+    """The archive ``np.savez(file, **arrays)`` writes, for any key: savez would take keys named like its own
+    parameters as arguments (``file``: a TypeError; ``allow_pickle``: the array silently dropped)."""
+    with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for key, array in arrays.items():
+            with archive.open(key + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
 
 
 def scores_from_checkpoint(path: Path, protocol: str) -> dict[str, np.ndarray]:
@@ -171,9 +183,14 @@ def read_score_file(path, protocol: str = "ood") -> dict[str, np.ndarray]:
                              f"fsosr.eval.save_scores)")
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
+            arrays = {key: data[key] for key in data.files}
     except Exception as error:  # a damaged archive, or object arrays that would need pickle
         raise ScoreFileError(f"cannot read {path} as an .npz score file: {error}") from None
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):  # a member without the .npy suffix: np.load returns its raw bytes
+            raise ScoreFileError(f"{path}: member '{key}' is not a .npy array (score files hold arrays written by "
+                                 f"numpy.savez or fsosr.eval.save_scores)")
+    return arrays
 
 
 def _vector(arrays: dict, path: Path, key: str, *, expected: str = "") -> np.ndarray:
@@ -224,6 +241,16 @@ def _correctness(arrays: dict, path: Path, prefix: str, n: int):
     return correct, accuracy, keys
 
 
+def _check_options(tpr: float = 0.95, auroc_convention: str = "sklearn", fpr_convention: str = "hendrycks") -> None:
+    """Bad arguments are the caller's error, not a file's: a plain ValueError, raised before any file is read."""
+    if fpr_convention not in FPR_CONVENTIONS:
+        raise ValueError(f"fpr_convention must be one of {sorted(FPR_CONVENTIONS)}, got {fpr_convention!r}")
+    if not 0.0 < tpr <= 1.0:  # also rejects NaN
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    if auroc_convention not in AUROC_CONVENTIONS:
+        raise ValueError(f"auroc_convention must be one of {list(AUROC_CONVENTIONS)}, got {auroc_convention!r}")
+
+
 def _ties_note(convention: str) -> str:
     return "ties count 1/2 (sklearn)" if convention == "sklearn" else "ties count 0 (ARPL)"
 
@@ -256,6 +283,7 @@ def _ood_sets(arrays: dict, path: Path) -> list[tuple[str, str, str]]:
 def evaluate_ood(path, *, fpr_convention: str = "hendrycks", tpr: float = 0.95,
                  auroc_convention: str = "sklearn") -> Evaluation:
     """OOD table: ``FPR@95 | AUROC | AUPR_IN | AUPR_OUT | ACC`` per OOD set, a mean per group, the overall mean."""
+    _check_options(tpr, auroc_convention, fpr_convention)
     fpr_metric, fpr_text = FPR_CONVENTIONS[fpr_convention]
     path = Path(path)
     arrays = read_score_file(path, "ood")
@@ -263,7 +291,8 @@ def evaluate_ood(path, *, fpr_convention: str = "hendrycks", tpr: float = 0.95,
     correct, accuracy, correct_keys = _correctness(arrays, path, "id_", len(known))
     columns = [f"FPR@{100 * tpr:g}", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC"]
     table = Table(f"OOD detection: {path.name}", "dataset", columns)
-    evaluation = Evaluation(table, arrays={k: arrays[k] for k in ["id_scores", *correct_keys]})
+    evaluation = Evaluation(table, arrays={k: arrays[k] for k in ["id_scores", *correct_keys]},
+                            auroc_convention=auroc_convention)
     groups: dict[str, list[Row]] = {}
     for group, name, key in _ood_sets(arrays, path):
         unknown = _vector(arrays, path, key)
@@ -272,7 +301,8 @@ def evaluate_ood(path, *, fpr_convention: str = "hendrycks", tpr: float = 0.95,
                   metrics.aupr_in(known, unknown), metrics.aupr_out(known, unknown), accuracy]
         _warn_if_inverted(path, key, values[1])
         groups.setdefault(group, []).append(Row(name, values))
-        evaluation.pairs.append((name, known, unknown, correct))
+        # Named with the group: near/x and far/x are different sets (and plots).
+        evaluation.pairs.append((f"{group}/{name}" if group else name, known, unknown, correct))
         evaluation.arrays[f"ood/{group}/{name}" if group else f"ood/{name}"] = unknown
     every = [row for rows in groups.values() for row in rows]
     for group, rows in groups.items():
@@ -291,6 +321,11 @@ def evaluate_ood(path, *, fpr_convention: str = "hendrycks", tpr: float = 0.95,
 def _named_entries(paths, required: str, protocol: str) -> list[tuple[Path, str, dict, str]]:
     """(file, entry name, all arrays of the file, key prefix) for every split / run: top-level keys (the entry is
     named after the file) or ``<name>/<required>`` keys (prefix ``<name>/``)."""
+    if isinstance(paths, (str, os.PathLike)):  # one file; iterating a str would give its characters
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise ValueError(f"no score files given: pass a list of .npz paths for {protocol}")
     entries, seen = [], {}
     for path in map(Path, paths):
         arrays = read_score_file(path, protocol)
@@ -311,9 +346,12 @@ def _named_entries(paths, required: str, protocol: str) -> list[tuple[Path, str,
 
 
 def evaluate_osr(paths, *, auroc_convention: str = "sklearn") -> Evaluation:
-    """OSR table: ``ACC | AUROC | OSCR`` per split, then mean ± std (population std) over splits."""
+    """OSR table: ``ACC | AUROC | OSCR`` per split, then mean ± std (population std) over splits.
+
+    paths: a list of score files (a single path is one file)."""
+    _check_options(auroc_convention=auroc_convention)
     table = Table("Open-set recognition", "split", ["ACC", "AUROC", "OSCR"])
-    evaluation = Evaluation(table)
+    evaluation = Evaluation(table, auroc_convention=auroc_convention)
     for path, name, arrays, prefix in _named_entries(paths, "known_scores", "osr"):
         known = _vector(arrays, path, prefix + "known_scores")
         unknown = _vector(arrays, path, prefix + "unknown_scores", expected=f" (split '{name}')")
@@ -344,7 +382,11 @@ def _cl_matrix(arrays: dict, path: Path, prefix: str, zero_shot_row: bool):
     if matrix.ndim != 2 or matrix.size == 0 or matrix.dtype.kind not in "biuf":
         raise ScoreFileError(f"{path}: '{prefix}acc_matrix' must be a numeric 2-D matrix A[t, j], got shape "
                              f"{matrix.shape} dtype {matrix.dtype}")
-    with_zero_shot = zero_shot_row or bool(arrays.get(prefix + "zero_shot_row", False))
+    flag = arrays.get(prefix + "zero_shot_row", np.array(False))
+    if flag.size != 1 or flag.dtype.kind not in "biuf" or flag.reshape(-1)[0] not in (0, 1):
+        raise ScoreFileError(f"{path}: '{prefix}zero_shot_row' must be a single bool (True: row 0 of acc_matrix "
+                             f"is the zero-shot model), got shape {flag.shape} dtype {flag.dtype}")
+    with_zero_shot = zero_shot_row or bool(flag.reshape(-1)[0])
     tasks = matrix.shape[1]
     if matrix.shape[0] != tasks + with_zero_shot:
         expected = f"[T+1, T] = [{tasks + 1}, {tasks}] with the zero-shot row" if with_zero_shot else \
@@ -356,7 +398,21 @@ def _cl_matrix(arrays: dict, path: Path, prefix: str, zero_shot_row: bool):
     sizes = _vector(arrays, path, prefix + "task_sizes") if prefix + "task_sizes" in arrays else None
     if sizes is not None and len(sizes) != tasks:
         raise ScoreFileError(f"{path}: '{prefix}task_sizes' has {len(sizes)} entries for {tasks} tasks")
+    if sizes is not None and not (np.isfinite(sizes) & (sizes > 0)).all():  # else only "n/a" columns would show it
+        raise ScoreFileError(f"{path}: '{prefix}task_sizes' must be finite and > 0 (test samples per task), got "
+                             f"{sizes.tolist()}")
     return fractions, with_zero_shot, fractions[1:] if with_zero_shot else fractions, sizes, in_percent
+
+
+def _task_names(arrays: dict, path: Path, key: str, tasks: int) -> list[str] | None:
+    """The optional plot labels: one per task (the heat map labels both axes with them)."""
+    if key not in arrays:
+        return None
+    names = arrays[key]
+    if names.ndim != 1 or len(names) != tasks:
+        raise ScoreFileError(f"{path}: '{key}' must be 1-D with one name per task ({tasks}), got shape "
+                             f"{names.shape}")
+    return [str(name) for name in names]
 
 
 def evaluate_cl(paths, *, zero_shot_row: bool = False) -> Evaluation:
@@ -382,7 +438,7 @@ def evaluate_cl(paths, *, zero_shot_row: bool = False) -> Evaluation:
                 values.append(None)
                 table.notes.append(f"{name}: {column} n/a ({error}).")
         table.rows.append(Row(name, values))
-        names = [str(n) for n in arrays[prefix + "task_names"]] if prefix + "task_names" in arrays else None
+        names = _task_names(arrays, path, prefix + "task_names", square.shape[1])
         evaluation.matrices.append((name, fractions, names, with_zero_shot))
         evaluation.arrays.update({f"{name}/{key}": arrays[prefix + key] for key in ("acc_matrix", "task_sizes",
                                                                                     "task_names")
@@ -411,7 +467,8 @@ def write_outputs(evaluation: Evaluation, out, protocol: str, *, plots: bool = T
     written[1].write_text(reporting.render_markdown(table))
     written.append(save_scores(out / f"{protocol}_scores.npz", evaluation.arrays))
     if plots:
-        written += reporting.write_plots(out, protocol, table.title, evaluation.pairs, evaluation.matrices)
+        written += reporting.write_plots(out, protocol, table.title, evaluation.pairs, evaluation.matrices,
+                                         auroc_convention=evaluation.auroc_convention)
     return written
 
 
@@ -441,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     osr = protocols.add_parser("osr", parents=[common], help="open-set table, one row per split")
     osr.add_argument("inputs", nargs="+", metavar="SCORES.npz")
     for sub in (ood, osr):
-        sub.add_argument("--auroc-convention", choices=["sklearn", "arpl"], default="sklearn",
+        sub.add_argument("--auroc-convention", choices=AUROC_CONVENTIONS, default="sklearn",
                          help="ties between known and unknown scores count 1/2 (sklearn, default) or 0 (ARPL/FSMoE)")
     cl = protocols.add_parser("cl", parents=[common], help="continual-learning table from accuracy matrices")
     cl.add_argument("inputs", nargs="+", metavar="SCORES.npz")

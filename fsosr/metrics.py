@@ -4,6 +4,8 @@ Conventions, everywhere in this module:
 
 * Scores come from `fsosr.scoring`: HIGHER = MORE KNOWN. ``known`` holds the scores of in-distribution / known-class
   samples, ``unknown`` those of OOD / unknown-class samples; both 1-D (numpy arrays, torch tensors or lists).
+  They are compared as float64: integers beyond 2**53 and longdouble values are rounded first, so nearby ones
+  can tie (``auroc([2**53 + 1], [2**53]) == 0.5``). ±inf is allowed (e.g. the energy of -inf logits), NaN is not.
 * A sample is accepted as known when ``score >= threshold``.
 * Results are Python floats in [0, 1] (no ``* 100``).
 * Where communities define a metric differently, each definition has its own name or ``convention=`` value, and the
@@ -83,8 +85,9 @@ def _labels(x, name: str) -> np.ndarray:
     if a.size == 0:
         raise ValueError(f"{name} is empty: at least one sample is needed")
     if a.dtype.kind == "f":
-        if np.isnan(a).any() or (a != np.round(a)).any():
-            raise ValueError(f"{name} must hold integer class ids")
+        # |a| < 2**63 also rejects NaN and ±inf, which would otherwise cast to INT64_MIN with only a warning.
+        if not (np.abs(a) < 2.0 ** 63).all() or (a != np.round(a)).any():
+            raise ValueError(f"{name} must hold integer class ids (finite whole numbers within int64)")
         a = a.astype(np.int64)
     if a.dtype.kind not in "biu":
         raise ValueError(f"{name} must hold integer class ids, got dtype {a.dtype}")
@@ -187,7 +190,9 @@ def fpr_at_tpr(known, unknown, tpr: float = 0.95) -> float:
     Returns the share of unknown samples accepted (score >= θ), where θ is chosen as follows: the candidates are
     the distinct scores of all samples, from the highest down to the first one at which every known sample is
     accepted; θ is the candidate whose known recall ``#{known >= θ} / n_known`` is CLOSEST to ``tpr`` (it may be
-    below it), and among equally close candidates the lowest one. Matches the original bit for bit (tested).
+    below it), and among equally close candidates the lowest one. Matches the original bit for bit (tested) for
+    finite scores; ties between infinite scores are treated as ties here, where the original splits them (its
+    ``np.diff`` gives inf - inf = NaN, which counts as a change of score).
     """
     known, unknown = _scores(known, "known"), _scores(unknown, "unknown")
     _, accepted_unknown = _hendrycks_operating_point(known, unknown, _check_rate(tpr, "tpr"))
@@ -442,6 +447,8 @@ def _step_accuracies(accuracy, task_sizes) -> np.ndarray:
     a = _accuracy_matrix(a)
     sizes = np.ones(len(a)) if task_sizes is None else _scores(task_sizes, "task_sizes")
     _same_length(sizes, "task_sizes", a, "accuracy")
+    if not (np.isfinite(sizes) & (sizes > 0)).all():  # they are weights: 0 or inf gives 0/0, negatives nonsense
+        raise ValueError(f"task_sizes must be finite and > 0 (test samples per task), got {sizes.tolist()}")
     return np.array([np.average(_finite(a[t, : t + 1], f"row {t} up to the diagonal"), weights=sizes[: t + 1])
                      for t in range(len(a))])
 

@@ -128,25 +128,36 @@ def _figure(width: float = 5.0, height: float = 4.0):
 
 
 def plot_densities(path: Path, known, unknown, *, title: str, known_label: str, unknown_label: str) -> None:
-    """Histogram densities of known vs unknown scores on shared bins (LoCoOp's ``plot_distribution`` view)."""
+    """Histogram densities of known vs unknown scores on shared bins (LoCoOp's ``plot_distribution`` view).
+
+    ±inf scores (legitimate: the energy of -inf logits) are counted in the first / last bin and noted in the legend.
+    """
     figure, axes = _figure()
-    both = np.concatenate([known, unknown])
+    both = np.concatenate([known, unknown]).astype(np.float64)
+    # Bins span the finite scores only: numpy cannot place edges on an infinite range.
+    finite = both[np.isfinite(both)] if np.isfinite(both).any() else np.zeros(1)
     # Shared edges so the two densities are comparable; capped so a huge set stays readable.
-    edges = np.histogram_bin_edges(both, bins=min(100, max(10, len(np.histogram_bin_edges(both, bins="auto")))))
+    edges = np.histogram_bin_edges(finite, bins=min(100, max(10, len(np.histogram_bin_edges(finite, bins="auto")))))
     for scores, label in ((known, known_label), (unknown, unknown_label)):
-        density, _ = np.histogram(scores, bins=edges, density=True)
-        axes.stairs(density, edges, fill=True, alpha=0.45, label=f"{label} (n={len(scores)})")
+        scores = np.asarray(scores, dtype=np.float64)
+        density, _ = np.histogram(np.clip(scores, edges[0], edges[-1]), bins=edges, density=True)
+        infinite = int(np.isinf(scores).sum())
+        note = f", {infinite} at ±inf in the edge bins" if infinite else ""
+        axes.stairs(density, edges, fill=True, alpha=0.45, label=f"{label} (n={len(scores)}{note})")
     axes.set(xlabel="score (higher = more known)", ylabel="density", title=title)
     axes.legend()
     figure.savefig(path, dpi=100)
 
 
-def plot_roc(path: Path, pairs, *, title: str) -> None:
-    """ROC curves (known = positive), one per (name, known, unknown) in ``pairs``, AUROC in the legend."""
+def plot_roc(path: Path, pairs, *, title: str, auroc_convention: str = "sklearn") -> None:
+    """ROC curves (known = positive), one per (name, known, unknown) in ``pairs``, AUROC in the legend, computed
+    with ``auroc_convention`` (`fsosr.metrics.auroc`) so that it matches the table."""
     figure, axes = _figure()
+    tag = "" if auroc_convention == "sklearn" else f", {auroc_convention}"
     for name, known, unknown in pairs:
         fpr, tpr, _ = metrics.roc_curve(known, unknown)
-        axes.plot(fpr, tpr, label=f"{name} (AUROC {100 * metrics.auroc(known, unknown):.2f})")
+        value = metrics.auroc(known, unknown, convention=auroc_convention)
+        axes.plot(fpr, tpr, label=f"{name} (AUROC{tag} {100 * value:.2f})")
     axes.plot([0, 1], [0, 1], linestyle=":", color="grey")
     axes.set(xlabel="FPR (unknown accepted)", ylabel="TPR (known accepted)", title=title, xlim=(0, 1), ylim=(0, 1))
     axes.legend(loc="lower right", fontsize="small")
@@ -190,27 +201,46 @@ def _file_name(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "set"
 
 
-def write_plots(out: Path, protocol: str, title: str, pairs, matrices) -> list[Path]:
-    """Every plot ``python -m fsosr.eval`` draws, as ``out/<protocol>_*.png``; returns the paths.
+def _unique_paths(out: Path, stem: str, names) -> list[Path]:
+    """``out/<stem>_<name>.png`` per name; names that sanitise to the same file ("a b", "a_b"; compared
+    case-insensitively, as macOS and Windows file systems do) get a suffix _2, _3, ... instead of overwriting."""
+    paths, taken = [], set()
+    for name in names:
+        base = candidate = f"{stem}_{_file_name(name)}"
+        copy = 1
+        while candidate.casefold() in taken:
+            copy += 1
+            candidate = f"{base}_{copy}"
+        taken.add(candidate.casefold())
+        paths.append(out / f"{candidate}.png")
+    return paths
 
-    pairs: (name, known, unknown, known_correct or None) -> one density plot each, one ROC plot, and an OSCR plot
-    of those with known_correct; matrices: (name, accuracy, task names, zero-shot row?) -> one heat map each.
+
+def write_plots(out: Path, protocol: str, title: str, pairs, matrices, *,
+                auroc_convention: str = "sklearn") -> list[Path]:
+    """Every plot ``python -m fsosr.eval`` draws, as ``out/<protocol>_*.png``; returns the paths (one per file).
+
+    pairs: (name, known, unknown, known_correct or None) -> one density plot each, one ROC plot (AUROC in the
+    legend by ``auroc_convention``), and an OSCR plot of those with known_correct; matrices: (name, accuracy, task
+    names, zero-shot row?) -> one heat map each. Names give the file names (an OOD set's name includes its group).
     """
     written = []
     known_label, unknown_label = ("ID", "OOD") if protocol == "ood" else ("known", "unknown")
-    for name, known, unknown, _ in pairs:
-        written.append(out / f"{protocol}_density_{_file_name(name)}.png")
+    density_paths = _unique_paths(out, f"{protocol}_density", [pair[0] for pair in pairs])
+    for (name, known, unknown, _), path in zip(pairs, density_paths):
+        written.append(path)
         plot_densities(written[-1], known, unknown, title=f"{title}: {name}", known_label=known_label,
                        unknown_label=f"{unknown_label} {name}")
     if pairs:
         written.append(out / f"{protocol}_roc.png")
-        plot_roc(written[-1], [pair[:3] for pair in pairs], title=f"ROC: {title}")
+        plot_roc(written[-1], [pair[:3] for pair in pairs], title=f"ROC: {title}", auroc_convention=auroc_convention)
     with_correct = [(name, known, correct, unknown) for name, known, unknown, correct in pairs if correct is not None]
     if with_correct:
         written.append(out / f"{protocol}_oscr.png")
         plot_oscr(written[-1], with_correct, title=f"OSCR: {title}")
-    for name, accuracy, task_names, zero_shot_row in matrices:
-        written.append(out / f"{protocol}_matrix_{_file_name(name)}.png")
+    matrix_paths = _unique_paths(out, f"{protocol}_matrix", [matrix[0] for matrix in matrices])
+    for (name, accuracy, task_names, zero_shot_row), path in zip(matrices, matrix_paths):
+        written.append(path)
         plot_accuracy_matrix(written[-1], accuracy, title=f"A[t, j]: {name}", task_names=task_names,
                              zero_shot_row=zero_shot_row)
     return written

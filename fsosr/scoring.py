@@ -39,7 +39,7 @@ def _as_float_logits(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def msp(logits: torch.Tensor) -> torch.Tensor:
-    """Maximum softmax probability: ``max_c softmax(logits)_c``, in (1/C, 1]; higher = more known.
+    """Maximum softmax probability: ``max_c softmax(logits)_c``, in [1/C, 1]; higher = more known.
 
     logits: [N, C] (any leading dims) -> [N]. For CLIP logits (100 * cosine) this is MCM at T = 0.01.
     """
@@ -65,17 +65,25 @@ def energy(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     if not T > 0:
         raise ValueError(f"T must be > 0, got {T}")
     logits = _as_float_logits(logits, "logits")
-    return T * torch.logsumexp(logits / T, dim=-1)
+    # Shift by the row max before dividing by T: logits / T alone overflows for small T (1e37 / 0.01 is inf in
+    # fp32) although the score itself is representable. The shift cancels exactly (detached: no gradient change);
+    # an infinite max (all -inf, or a +inf logit) is not shifted, which keeps those rows at -inf / +inf.
+    row_max = logits.detach().amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    return shift.squeeze(-1) + T * torch.logsumexp((logits - shift) / T, dim=-1)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Negative entropy of the softmax: ``sum_c p_c log p_c`` in [-log C, 0]; higher = more known.
 
-    logits: [N, C] -> [N]. Computed from log_softmax, so p = 0 contributes exactly 0 (no log(0)).
+    logits: [N, C] -> [N]. Computed from log_softmax; p = 0 (a -inf logit, or underflow) contributes exactly 0.
     """
     logits = _as_float_logits(logits, "logits")
     log_p = torch.log_softmax(logits, dim=-1)
-    return (log_p.exp() * log_p).sum(dim=-1)
+    p = log_p.exp()
+    # A -inf logit gives p = 0 and log p = -inf, whose product is NaN: zero log p there instead (masking log p
+    # rather than the product also keeps the gradient finite). NaN rows (all logits -inf) stay NaN.
+    return (p * log_p.masked_fill(p == 0, 0.0)).sum(dim=-1)
 
 
 def _cosine_softmax_max(features: torch.Tensor, text_features: torch.Tensor, T: float) -> torch.Tensor:
@@ -109,7 +117,7 @@ def _check_text(text_features: torch.Tensor, T: float) -> torch.Tensor:
 def mcm(image_features: torch.Tensor, text_features: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     """Maximum Concept Matching: ``max_c softmax_c(cos(f, t_c) / T)``; higher = more known.
 
-    image_features: [N, D]; text_features: [C, D] (one prompt embedding per known class) -> [N] in (1/C, 1].
+    image_features: [N, D]; text_features: [C, D] (one prompt embedding per known class) -> [N] in [1/C, 1].
     Both are L2-normalised here, so raw CLIP embeddings can be passed. T = 1 is MCM's and LoCoOp's default; the
     softmax is taken over cosines, not over ``100 * cos`` logits (those give MSP, i.e. T = 0.01).
     """
@@ -123,7 +131,7 @@ def gl_mcm(global_features: torch.Tensor, local_features: torch.Tensor, text_fea
     """Global-Local MCM: ``mcm(global) + max_r max_c softmax_c(cos(f_r, t_c) / T)``; higher = more known.
 
     global_features: [N, D] (the image embedding); local_features: [N, R, D] (R region/patch embeddings, for
-    LoCoOp the projected value-path tokens); text_features: [C, D] -> [N] in (2/C, 2].
+    LoCoOp the projected value-path tokens); text_features: [C, D] -> [N] in [2/C, 2].
     As in LoCoOp's ``test_ood``: the local softmax is per region over classes, then the max over regions and
     classes; the global and local terms are added with unit weight.
     """

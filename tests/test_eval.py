@@ -113,8 +113,8 @@ def test_ood_outputs_markdown_plots_and_resaved_scores(tmp_path, capsys):
                           metrics.closed_set_accuracy(arrays["id_logits"], arrays["id_labels"]))
     assert "| mnist | " + " | ".join(cells(expected)) + " |" in markdown
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["ood_density_cifar100.png", "ood_density_mnist.png", "ood_density_tin.png", "ood_oscr.png",
-                    "ood_roc.png"]
+    assert pngs == ["ood_density_far_mnist.png", "ood_density_near_cifar100.png", "ood_density_near_tin.png",
+                    "ood_oscr.png", "ood_roc.png"]                  # grouped sets: the group is in the name
     for name in pngs:
         assert_png(out / name)
     with np.load(out / "ood_scores.npz") as saved:

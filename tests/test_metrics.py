@@ -187,6 +187,19 @@ def test_score_direction_and_input_types():
                                                                                    abs=1e-3)
 
 
+def test_scores_are_compared_as_float64_and_infinite_ties_are_ties():
+    # Documented in the module and fpr_at_tpr docstrings: integers beyond 2**53 round to the same float64 ...
+    assert metrics.auroc([2**53 + 1], [2**53]) == 0.5 and metrics.auroc([2**53 + 2], [2**53]) == 1.0
+    assert "2**53" in metrics.__doc__ and "infinite scores" in metrics.fpr_at_tpr.__doc__
+    # ... and tied -inf scores form one threshold here, where the original's np.diff (-inf - -inf = NaN) splits
+    # them: its extra point (recall 19/20 with the unknown -inf accepted) is the lowest at distance 0 from 0.95.
+    known, unknown = np.r_[np.arange(1.0, 20.0), -np.inf], np.array([-np.inf, 0.5])
+    assert fpr_by_threshold_sweep(known, unknown, 0.95) == (0.5, 0.5)
+    assert (metrics.fpr_at_tpr(known, unknown), metrics.threshold_at_tpr(known, unknown)) == (0.5, 0.5)
+    with np.errstate(invalid="ignore"):
+        assert hendrycks_fpr_original_structure(known, unknown, 0.95) == 1.0
+
+
 @pytest.mark.parametrize("fn", [metrics.auroc, metrics.aupr_in, metrics.aupr_out, metrics.fpr_at_tpr,
                                 metrics.openood_fpr_at_tpr, metrics.tnr_at_tpr])
 def test_ood_metrics_reject_bad_inputs(fn):
@@ -214,6 +227,16 @@ def test_closed_set_accuracy():
     assert metrics.closed_set_accuracy(logits, torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="pred has 2 entries but labels has 3"):
         metrics.closed_set_accuracy([0, 1], [0, 1, 1])
+
+
+@pytest.mark.parametrize("ids", [[math.inf], [-math.inf], [1e30], [math.nan], [0.5]])
+def test_class_ids_must_be_finite_whole_numbers(ids):
+    # inf == round(inf), and casting inf / 1e30 to int64 gives INT64_MIN: inf vs -inf would count as correct.
+    with pytest.raises(ValueError, match="pred must hold integer class ids"):
+        metrics.closed_set_accuracy(ids, [0])
+    with pytest.raises(ValueError, match="labels must hold integer class ids"):
+        metrics.closed_set_accuracy([0], ids)
+    assert metrics.closed_set_accuracy([1.0, 2.0], [1, 3]) == 0.5           # whole floats are still class ids
 
 
 def test_oscr_by_hand():
@@ -328,6 +351,17 @@ def test_class_incremental_and_forgetting():
         metrics.avg(upper_missing)
     with pytest.raises(ValueError, match="square"):
         metrics.forgetting(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("sizes", [[0, 10], [1, -1], [-1, 2], [math.inf, 1]])
+@pytest.mark.parametrize("fn", [metrics.average_incremental_accuracy, metrics.last_accuracy])
+def test_task_sizes_must_be_finite_and_positive(fn, sizes):
+    # They are weights: 0 gives 0/0 at the first step, negatives silently skew the mean, inf gives NaN.
+    with pytest.raises(ValueError, match=r"task_sizes must be finite and > 0 \(test samples per task\)"):
+        fn(ACCURACY[:2, :2], task_sizes=sizes)
+    assert fn(ACCURACY[:2, :2], task_sizes=[0.5, 1.5]) == pytest.approx(
+        {metrics.last_accuracy: 0.25 * 0.70 + 0.75 * 0.90,
+         metrics.average_incremental_accuracy: (0.80 + 0.25 * 0.70 + 0.75 * 0.90) / 2}[fn])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,41 @@ def test_logit_scores_are_stable_for_large_logits():
     torch.testing.assert_close(scoring.msp(big), torch.tensor([0.5, 1.0]))
 
 
+def test_entropy_of_minus_inf_logits_is_that_of_the_other_classes():
+    # A -inf logit is a class with p = 0, which contributes exactly 0 (not 0 * -inf = NaN).
+    p = 1.0 / (1.0 + math.e)                                         # softmax([1, 2]) = (p, 1 - p)
+    expected = p * math.log(p) + (1 - p) * math.log(1 - p)          # -0.5822
+    for dtype in (torch.float32, torch.float64):
+        with_minus_inf = torch.tensor([[1.0, 2.0, -math.inf], [-math.inf, 0.0, -math.inf]], dtype=dtype,
+                                      requires_grad=True)
+        score = scoring.entropy(with_minus_inf)
+        torch.testing.assert_close(score.detach(), torch.tensor([expected, 0.0], dtype=dtype))
+        torch.testing.assert_close(score[0].detach(), scoring.entropy(torch.tensor([1.0, 2.0], dtype=dtype)))
+        score.sum().backward()
+        assert torch.isfinite(with_minus_inf.grad).all()            # the masked log p carries no NaN gradient
+        assert with_minus_inf.grad[0, 2] == 0
+
+
+def test_energy_with_small_temperature_does_not_overflow():
+    # logits / T alone is inf in fp32 (1e37 / 0.01 = 1e39); the score itself, about 1e37, is representable.
+    score = scoring.energy(torch.tensor([[1e37, 0.0], [-1e37, -1e37], [3.0, 1.0]]), T=0.01)
+    assert score.dtype == torch.float32 and torch.isfinite(score).all()
+    assert score[0].item() == pytest.approx(1e37, rel=1e-6) and score[1].item() == pytest.approx(-1e37, rel=1e-6)
+    assert score[2].item() == pytest.approx(3.0 + 0.01 * math.log1p(math.exp(-200.0)), abs=1e-6)
+    # Rows whose max is infinite are not shifted: all -inf stays -inf, a +inf logit gives +inf (as before).
+    inf_rows = scoring.energy(torch.tensor([[-math.inf, -math.inf], [math.inf, 0.0], [1.0, -math.inf]]))
+    assert inf_rows.tolist() == [-math.inf, math.inf, 1.0]
+
+
+def test_softmax_scores_reach_the_lower_end_of_their_range_exactly():
+    # The documented ranges are closed: uniform logits give exactly 1/C ([1/C, 1], [2/C, 2] for GL-MCM).
+    assert scoring.msp(torch.zeros(1, 4)).item() == 0.25
+    text = torch.eye(4)
+    assert scoring.mcm(torch.zeros(1, 4) + 1.0, text).item() == pytest.approx(0.25, abs=1e-7)
+    assert scoring.gl_mcm(torch.ones(1, 4), torch.ones(1, 2, 4), text).item() == pytest.approx(0.5, abs=1e-7)
+    assert "[1/C, 1]" in scoring.msp.__doc__ and "[2/C, 2]" in scoring.gl_mcm.__doc__
+
+
 @pytest.mark.parametrize("name", sorted(scoring.LOGIT_SCORES))
 def test_every_logit_score_is_higher_for_a_confident_sample(name):
     logits = torch.tensor([CONFIDENT, UNIFORM])
