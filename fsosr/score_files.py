@@ -27,7 +27,8 @@ def _flatten(arrays: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
     for key, value in arrays.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, name + "/"))
+            for nested_name, array in _flatten(value, name + "/").items():
+                _add_once(flat, nested_name, array)
             continue
         if hasattr(value, "detach"):  # a torch tensor; float64 holds every float16/bfloat16/float32 value exactly
             value = value.detach().cpu()
@@ -35,8 +36,16 @@ def _flatten(arrays: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
         array = np.asarray(value)
         if array.dtype == object:
             raise ValueError(f"{name}: object arrays cannot be saved without pickle; pass numbers, bools or strings")
-        flat[name] = array
+        _add_once(flat, name, array)
     return flat
+
+
+def _add_once(flat: dict, name: str, array: np.ndarray) -> None:
+    # {"ood/x": a} and ood={"x": b} name the same array: refuse rather than keep one of them silently.
+    if name in flat:
+        raise ValueError(f"save_scores: '{name}' is given twice (a key with '/' and a nested mapping name the same "
+                         f"array)")
+    flat[name] = array
 
 
 def save_scores(path, arrays: Mapping | None = None, /, **named) -> Path:
@@ -46,6 +55,9 @@ def save_scores(path, arrays: Mapping | None = None, /, **named) -> Path:
     ``save_scores("s.npz", id_scores=s_id, ood={"inat": s_inat, "sun": s_sun}, id_correct=pred == labels)``.
     numpy arrays, torch tensors and lists are accepted. ``.npz`` is appended when missing.
     """
+    repeated = sorted(set(arrays or {}) & set(named))
+    if repeated:
+        raise ValueError(f"save_scores: {repeated} given both in the mapping and as keyword arguments")
     flat = _flatten({**(arrays or {}), **named})
     if not flat:
         raise ValueError("save_scores needs at least one array")

@@ -193,3 +193,13 @@ def test_bad_evaluate_osr_convention_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="auroc_convention must be one of") as raised:
         evaluate_osr([tmp_path / "does_not_exist.npz"], auroc_convention="ARPL")
     assert not isinstance(raised.value, ScoreFileError)
+
+
+def test_save_scores_refuses_an_array_given_twice(tmp_path):
+    with pytest.raises(ValueError, match="'ood/x' is given twice"):
+        save_scores(tmp_path / "s.npz", {"ood/x": [1.0]}, id_scores=[2.0], ood={"x": [0.5]})
+    with pytest.raises(ValueError, match="both in the mapping and as keyword"):
+        save_scores(tmp_path / "s.npz", {"id_scores": [1.0]}, id_scores=[2.0])
+    assert not (tmp_path / "s.npz").exists()
+    path = save_scores(tmp_path / "s.npz", {"ood/x": [1.0]}, id_scores=[2.0], ood={"y": [0.5]})
+    assert sorted(read_score_file(path)) == ["id_scores", "ood/x", "ood/y"]
