@@ -35,18 +35,26 @@ def shared_bytes(fn, signature: dict, constexprs: dict, divisible: tuple = ()) -
     return triton.compile(source, target=TARGET).metadata.shared
 
 
-def upcast_as_compiled(launch: dict) -> dict:
-    """UPCAST (cast tl.dot operands to fp32) is forced on under the interpreter, whose bf16 dot is wrong; compiled,
-    the launchers set it for fp32 data only (a no-op there). Compile the value a GPU run passes."""
+# Kernels whose BLOCK the launcher sets differently under the interpreter (bigger: it runs programs one by one):
+# compile the value a GPU run passes, the module's BLOCK as imported here, without the interpreter.
+INTERPRETER_BLOCKS = {("fsosr._triton.masked_adamw", "_step_kernel"), ("fsosr._triton.masked_adamw", "_fused_kernel")}
+
+
+def as_compiled(launch: dict) -> dict:
+    """The constexprs a GPU run passes for a launch recorded under the interpreter. UPCAST (cast tl.dot operands to
+    fp32) is forced on under the interpreter, whose bf16 dot is wrong; compiled, the launchers set it for fp32 data
+    only (a no-op there). BLOCK of INTERPRETER_BLOCKS: the compiled launcher's."""
     constexprs = dict(launch["constexprs"])
     if "UPCAST" in constexprs:
         constexprs["UPCAST"] = not any(t in ("*bf16", "*fp16") for t in launch["signature"].values())
+    if (launch["module"], launch["kernel"]) in INTERPRETER_BLOCKS:
+        constexprs["BLOCK"] = importlib.import_module(launch["module"]).BLOCK
     return constexprs
 
 
 def compile_launch(launch: dict) -> dict:
     fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
-    constexprs = upcast_as_compiled(launch)
+    constexprs = as_compiled(launch)
     signature = {**launch["signature"], **{name: "constexpr" for name in constexprs}}
     names = list(fn.arg_names)
     # The launcher's divisibility specialisation (recorded per argument): part of what gets compiled.
@@ -67,7 +75,7 @@ def compile_launches(log_path: str) -> list:
         unique = {}
         for line in log:
             launch = json.loads(line)
-            launch["constexprs"] = upcast_as_compiled(launch)  # the interpreter's UPCAST variants collapse
+            launch["constexprs"] = as_compiled(launch)  # the interpreter-only variants collapse
             unique.setdefault(json.dumps(launch, sort_keys=True), launch)
     with ProcessPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 8))) as pool:
         return list(pool.map(compile_launch, unique.values()))
