@@ -79,6 +79,7 @@ def measure(benchmark, fn, *, group: str, provider: str, baseline: str, info: di
     flush_l2()  # allocates the flush buffer before the peak is reset: it is not the step's memory
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        allocated_before = torch.cuda.memory_allocated()   # inputs, the flush buffer, leftovers of earlier tests
     benchmark.group = group
     benchmark.extra_info.update(info, provider=provider, baseline=baseline, device=str(DEVICE),
                                 device_name=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
@@ -86,8 +87,9 @@ def measure(benchmark, fn, *, group: str, provider: str, baseline: str, info: di
     rounds = max(5, rounds if rounds is not None else int(os.environ.get("FSOSR_BENCH_ROUNDS", "20")))
     benchmark.pedantic(timed, setup=flush_l2, rounds=rounds, warmup_rounds=1)
     if DEVICE.type == "cuda":
-        flush_bytes = sum(t.numel() for t in _L2_FLUSH_BUFFER)
-        benchmark.extra_info["peak_memory_mib"] = (torch.cuda.max_memory_allocated() - flush_bytes) / 2**20
+        # Extra peak of the step over what was allocated before it (the README's "extra peak memory"); this was
+        # the whole peak minus the flush buffer until 2026-11-23, i.e. inputs and leftovers included.
+        benchmark.extra_info["peak_memory_mib"] = (torch.cuda.max_memory_allocated() - allocated_before) / 2**20
     if benchmark.stats is None:  # --benchmark-disable: each callable ran once as a smoke test, nothing was timed
         return
     if DEVICE.type == "cuda":
@@ -143,6 +145,7 @@ def record_bandwidth(benchmark, floor_bytes: int) -> None:
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in COPY_BANDWIDTH.items() if k in name), None)
     if peak is not None:
+        benchmark.extra_info["copy_bandwidth_bytes_s"] = peak      # what the fractions are of (report.py prints it)
         benchmark.extra_info["fraction_of_copy_bandwidth"] = rate / peak
         if device_rate is not None:
             benchmark.extra_info["device_fraction_of_copy_bandwidth"] = device_rate / peak
@@ -151,3 +154,10 @@ def record_bandwidth(benchmark, floor_bytes: int) -> None:
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+def pytest_benchmark_update_commit_info(config, commit_info):
+    """FSOSR_COMMIT names the commit where git cannot (the GPU machine gets a copy of the tree without .git
+    history: its JSON said "commit unknown")."""
+    if os.environ.get("FSOSR_COMMIT"):
+        commit_info["id"] = os.environ["FSOSR_COMMIT"]

@@ -1,7 +1,10 @@
 """Turn a pytest-benchmark JSON file into the README's tables (markdown).
 
     pytest benchmarks/ --benchmark-json=bench.json
-    python benchmarks/report.py bench.json [--baseline reference] [--out table.md] [--readme README.md]
+    python benchmarks/report.py bench.json [more.json ...] [--baseline reference] [--out table.md] [--readme README.md]
+
+Several JSON files (one session's runs) are merged. ``--readme`` replaces everything between the README's
+benchmark-table markers, all sections included: to update one section, write it with ``--out`` and paste it.
 
 One table per op: a row per benchmark group (op, shape, mode), a column per provider with the median time, and
 the speed-up of every provider over the baseline provider measured in the same run; where measured, a step's extra
@@ -28,22 +31,45 @@ def load(path: str) -> dict:
         return json.load(f)
 
 
+def merge(datasets: list[dict], names: list[str]) -> dict:
+    """One dataset from several runs (a GPU session splits its benchmarks over several calls): the first run's
+    machine and commit, every run's benchmarks; a (group, provider) measured twice keeps the later run's, with a
+    warning (its speed-up was computed within its own run)."""
+    merged = dict(datasets[0])
+    seen: dict[tuple, int] = {}
+    benchmarks: list[dict] = []
+    for data, name in zip(datasets, names):
+        for bench in data.get("benchmarks") or []:
+            key = (bench.get("group"), (bench.get("extra_info") or {}).get("provider", bench.get("name")))
+            if key in seen:
+                print(f"report.py: {key} is in more than one file; keeping the one from {name}", file=sys.stderr)
+                benchmarks[seen[key]] = bench
+                continue
+            seen[key] = len(benchmarks)
+            benchmarks.append(bench)
+    merged["benchmarks"] = benchmarks
+    return merged
+
+
 def header(data: dict) -> str:
-    machine = data.get("machine_info", {})
-    first = next(iter(data.get("benchmarks", [])), {})
-    extra = first.get("extra_info", {})
-    commit = data.get("commit_info", {}).get("id", "")[:10]
+    machine = data.get("machine_info") or {}
+    first = next(iter(data.get("benchmarks") or []), {})
+    extra = first.get("extra_info") or {}
+    commit = ((data.get("commit_info") or {}).get("id") or "")[:10]
+    peak = next((b["extra_info"]["copy_bandwidth_bytes_s"] for b in data.get("benchmarks") or []
+                 if "copy_bandwidth_bytes_s" in (b.get("extra_info") or {})), None)
+    bandwidth = f"{peak / 1e12:.1f} TB/s on this GPU" if peak else "H100: 3.0 TB/s"
     return (f"Device: {extra.get('device_name', '?')} ({extra.get('device', '?')}, {extra.get('threads', '?')} "
             f"threads), CPU: {machine.get('cpu', {}).get('brand_raw', '?')}, torch {extra.get('torch', '?')}, "
             f"commit {commit or '?'}, {data.get('datetime', '')[:19]}. Medians; speed-up = baseline / provider; "
             "MiB = extra peak memory of a step where measured; % BW = the bytes a step must move at least, per median "
-            "time, as a share of the GPU's measured copy bandwidth (H100: 3.0 TB/s)"
+            f"time, as a share of the GPU's measured copy bandwidth ({bandwidth})"
             + ("; device = the median GPU time of a step between CUDA events, each step after an L2 flush, and "
                "its % BW over that time" if _has_device_times(data) else "") + ".")
 
 
 def _has_device_times(data: dict) -> bool:
-    return any("device_time_median_s" in b.get("extra_info", {}) for b in data.get("benchmarks", []))
+    return any("device_time_median_s" in (b.get("extra_info") or {}) for b in data.get("benchmarks") or [])
 
 
 def tables(data: dict, baseline: str | None = None) -> str:
@@ -56,12 +82,16 @@ def tables(data: dict, baseline: str | None = None) -> str:
     device: dict[tuple[str, str], tuple[float, float | None]] = {}  # (device seconds, fraction of copy bandwidth)
     ops: dict[str, list[str]] = defaultdict(list)
     providers_by_op: dict[str, list[str]] = defaultdict(list)
-    for bench in data.get("benchmarks", []):
-        extra = bench.get("extra_info", {})
-        op, provider, group = extra.get("op", "?"), extra.get("provider", bench["name"]), bench["group"]
-        groups[group][provider] = bench["stats"]["median"]
+    for bench in data.get("benchmarks") or []:
+        extra = bench.get("extra_info") or {}
+        median = (bench.get("stats") or {}).get("median")
+        if not median or median != median:   # not timed (a failed or disabled run), zero or NaN: no row to show
+            continue
+        op, provider = extra.get("op", "?"), extra.get("provider", bench.get("name", "?"))
+        group = bench.get("group") or bench.get("name", "?")
+        groups[group][provider] = median
         baselines[group] = baseline or extra.get("baseline", "reference")
-        if "peak_memory_mib" in extra:
+        if extra.get("peak_memory_mib") is not None:
             memory[group, provider] = extra["peak_memory_mib"]
         if "fraction_of_copy_bandwidth" in extra:
             bandwidth[group, provider] = extra["fraction_of_copy_bandwidth"]
@@ -121,19 +151,20 @@ def update_readme(path: str, text: str, source: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_file")
+    parser.add_argument("json_files", nargs="+", metavar="json_file",
+                        help="pytest-benchmark JSON; several runs are merged into one set of tables")
     parser.add_argument("--baseline", help="provider the speed-ups are relative to (default: each benchmark's own)")
     parser.add_argument("--out", help="also write the markdown here")
     parser.add_argument("--readme", help="replace the table between the benchmark-table markers of this file")
     args = parser.parse_args(argv)
-    data = load(args.json_file)
+    data = merge([load(path) for path in args.json_files], args.json_files)
     text = header(data) + "\n\n" + tables(data, args.baseline)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     if args.readme:
-        update_readme(args.readme, text, args.json_file)
+        update_readme(args.readme, text, " + ".join(args.json_files))
     return 0
 
 

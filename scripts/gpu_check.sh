@@ -19,7 +19,9 @@
 # FSOSR_GPU_STEPS says). A plan for a 30-minute lease, one step group per call with FSOSR_GPU_BUDGET=560:
 #   1. "build gpu cuda"   2. "build bench" with FSOSR_BENCH_FILTER=test_moe_adapter_layer, FSOSR_BENCH_LIMIT=450
 #   3. "build bench" with FSOSR_BENCH_FILTER="not test_moe_adapter_layer", then "profile" / "tune" / "sanitize"
-#      as time allows. A step that would get under 30 s is skipped and says so.
+#      as time allows. A step that would get under 40 s is skipped and says so. Put FSOSR_COMMIT=<sha of HEAD> in
+#      each command (the machine's copy has no git history) and merge the runs' JSON with
+#      `python benchmarks/report.py run1.json run2.json ...`.
 set -u
 OUT_DIR=${1:-${OUT:-gpu_check_out}}
 mkdir -p "$OUT_DIR"

@@ -76,6 +76,20 @@ def test_report_replaces_only_the_marked_part_of_the_readme(tmp_path):
         report.update_readme(str(readme), "new table", "bench.json")
 
 
+def test_report_merges_runs_and_skips_untimed_or_malformed_entries(capsys):
+    first, second = _gpu_run(), _gpu_run()
+    second["benchmarks"] = [_bench("cuda", 40e-6), _bench("triton", 80e-6, copy_bandwidth_bytes_s=4.3e12),
+                            {"name": "broken", "group": None, "stats": None, "extra_info": None},
+                            _bench("nan", float("nan")), _bench("zero", 0.0)]
+    first["commit_info"] = None
+    merged = report.merge([first, second], ["a.json", "b.json"])
+    assert "keeping the one from b.json" in capsys.readouterr().err     # cuda measured twice: the later run's
+    table = report.tables(merged)
+    assert "40.0 µs (100.0×)" in table and "80.0 µs (50.0×)" in table   # both runs' providers in one row
+    assert "nan" not in table and "zero" not in table.split("|---")[0]
+    assert "4.3 TB/s on this GPU" in report.header(merged) and "commit ?" in report.header(merged)
+
+
 def test_every_benchmark_runs():
     """Each benchmark's callable once (--benchmark-disable): the benchmarks stay runnable on this machine's
     providers. The end-to-end ViT-B/16 training step (half a minute on 2 cores) is left out, and so is the Triton
