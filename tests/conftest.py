@@ -65,6 +65,8 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_runtest_logreport(report):
     path = os.environ.get("FSOSR_FAILURE_LOG")
+    if os.environ.get("PYTEST_XDIST_WORKER"):   # under xdist the controller logs every worker's reports once
+        return
     if not path or not (report.failed or (report.when == "call" and report.duration > 10)):
         return
     with open(path, "a") as f:
