@@ -174,3 +174,41 @@ def test_import_survives_a_broken_extension():
     # The info report says the extension did not load, why, and that CPU tensors now go to reference.
     assert "fsosr._C not loaded" in result["info"] and "simulated" in result["info"]
     assert "automatic choice: cpu tensors -> reference" in result["info"]
+
+
+_UNBUILT_EXTENSION = textwrap.dedent("""
+    import sys
+
+    class NoExtensionFile:
+        # What a checkout that was never built sees: no fsosr/_C*.so, and Python's misleading error for it.
+        def find_spec(self, name, path=None, target=None):
+            if name == "fsosr._C":
+                sys.modules["fsosr._extension"].extension_files = lambda folder=None: []
+                raise ImportError("cannot import name '_C' from partially initialized module 'fsosr' "
+                                  "(most likely due to a circular import)")
+            return None
+
+    sys.meta_path.insert(0, NoExtensionFile())
+
+    from fsosr import info
+    print(info.render(info.collect()))
+""")
+
+
+def test_info_says_plainly_that_the_extension_is_not_built():
+    proc = _run_python(code=_UNBUILT_EXTENSION)
+    assert proc.returncode == 0, proc.stderr
+    assert "fsosr._C not loaded: the extension is not built (no fsosr/_C*.so" in proc.stdout
+    assert "pip install --no-build-isolation -e ." in proc.stdout
+    assert "circular import" not in proc.stdout
+
+
+def test_load_error_names_the_cause():
+    files = _extension.extension_files()
+    assert files and all(p.parent == Path(fsosr.__file__).parent for p in files), files   # this build's _C*.so
+    assert _extension.extension_files(REPO / "docs") == []
+    missing = _extension.describe_load_error(ImportError("cannot import name '_C'"), [])
+    assert "not built" in missing and "pip install --no-build-isolation -e ." in missing
+    assert "cannot import" not in missing
+    broken = _extension.describe_load_error(OSError("undefined symbol: _ZN3c10"), files)   # a file that fails to load
+    assert broken.startswith("OSError: undefined symbol: _ZN3c10") and "pip install" in broken

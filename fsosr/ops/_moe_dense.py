@@ -1,8 +1,8 @@
 """FSMoE's per-expert-input MoE in its dense-masked form, for CUDA tensors: every expert on every unit as two
 batched GEMMs (cuBLAS, tensor cores), the experts a unit did not pick weighted by a zero gate. It does E/k times
-the routed work but, at FSMoE's shape (B 32, E 11, k 5, 768 -> 1536 -> 512), runs forward+backward in 2.4 ms
-against 6.1 ms for the routed SIMT cuda kernels on an H100 (benchmarks/results/2026-11-22-h100.json, stock-PyTorch
-`dense_masked` provider), and the Triton kernels cannot hold h = 1536 on chip.
+the routed work but, at FSMoE's shape (B 32, E 11, k 5, 768 -> 1536 -> 512), runs forward+backward in 1.9 ms
+against 5.8 ms for the routed SIMT cuda kernels on an H100 (benchmarks/results/2026-11-22-h100-c.json: ``cuda``
+vs ``cuda-routed``; stock-PyTorch ``dense_masked`` 1.1 ms), and the Triton kernels cannot hold h = 1536 on chip.
 
 Same semantics as :func:`fsosr.ops.reference.moe_mlp_per_expert_input`: the dropout mask of (unit, slot) is the
 one every backend hashes from the seed, so the dense form keeps exactly the activations the routed form keeps.
@@ -23,10 +23,23 @@ from fsosr.ops._rng import _seed_key
 MAX_EXPERTS_PER_SLOT = 4   # dense when E <= 4k: at most 4x the routed FLOPs (FSMoE: 11 / 5 = 2.2x)
 
 
+PATH_VALUES = ("auto", "routed", "dense")
+
+
+def forced_path() -> str | None:
+    """``FSOSR_MOE_MLP_PATH``: ``routed`` or ``dense`` forces the cpu / cuda moe_mlp path (read here and by
+    csrc/cpu/moe_mlp_dense.cpp); unset, empty or ``auto`` leaves it to the shape rule (None). Any other value
+    raises, so that a typo ("Dense") is not silently ignored."""
+    value = os.environ.get("FSOSR_MOE_MLP_PATH", "")
+    if value not in ("",) + PATH_VALUES:
+        raise ValueError(f"FSOSR_MOE_MLP_PATH must be routed, dense or auto (or unset), got {value!r}")
+    return value if value in ("routed", "dense") else None
+
+
 def use_dense_per_expert(num_experts: int, k: int) -> bool:
     """The cuda backend's shape rule for per-expert inputs; ``FSOSR_MOE_MLP_PATH=routed|dense`` forces a path."""
-    forced = os.environ.get("FSOSR_MOE_MLP_PATH")
-    if forced in ("routed", "dense"):
+    forced = forced_path()
+    if forced is not None:
         return forced == "dense"
     return num_experts <= MAX_EXPERTS_PER_SLOT * k
 

@@ -242,6 +242,7 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, b1: torch.Tenso
     n_units = routing.indices.shape[0]
     _check(x.shape[0] == n_units * group_size,
            f"x has {x.shape[0]} rows but routing has {n_units} units of group_size={group_size}")
+    _moe_dense.forced_path()   # a mistyped FSOSR_MOE_MLP_PATH raises here, before the C++ kernels would ignore it
     chosen = backends.resolve("moe_mlp", backend, x.device, IMPLEMENTED, _shape_limits(w1))
     _check_dtypes(x, routing, w1, b1, w2, b2, chosen)
     seed = _resolve_seed(seed, dropout)
@@ -262,6 +263,7 @@ def moe_mlp_per_expert_input(x: torch.Tensor, routing: Routing, w1: torch.Tensor
     _check(x.shape[0] == w1.shape[0], f"x holds inputs for {x.shape[0]} experts but the weights hold {w1.shape[0]}")
     _check(x.shape[1] == routing.indices.shape[0],
            f"x has {x.shape[1]} units per expert but routing has {routing.indices.shape[0]}")
+    _moe_dense.forced_path()   # a mistyped FSOSR_MOE_MLP_PATH raises here, before the C++ kernels would ignore it
     chosen = backends.resolve("moe_mlp", backend, x.device, IMPLEMENTED, _shape_limits(w1))
     _check_dtypes(x, routing, w1, b1, w2, b2, chosen)
     seed = _resolve_seed(seed, dropout)

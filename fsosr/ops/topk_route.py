@@ -228,7 +228,9 @@ def topk_route(logits: torch.Tensor, k: int, *, renormalize: bool = True, noise_
         backend: ``reference`` | ``cpu`` | ``cuda`` | ``triton``; default ``FSOSR_BACKEND`` or automatic.
         check_finite: reject NaN/+inf logits and bad noise_std with an error. Default: on for CPU tensors (free),
             off for CUDA tensors (it would synchronise) unless ``FSOSR_CHECK_FINITE=1``. Never inside
-            ``torch.compile`` or CUDA-graph capture, where NaN ranks first and propagates into the gates.
+            ``torch.compile`` or CUDA-graph capture, where NaN ranks first and propagates into the gates. No
+            effect on the ``cpu`` backend: its kernel always checks while it reads (``check_finite=False`` does
+            not turn that off).
 
     Ties go to the lower expert index on every backend. Noisy noise-free routing is deterministic: two calls on
     the same input give bitwise-equal outputs and gradients.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fsosr import backends, testing
-from fsosr.ops import _moe_dense, moe_mlp_per_expert_input, reference, topk_route
+from fsosr.ops import _moe_dense, moe_mlp, moe_mlp_per_expert_input, reference, topk_route
 
 TRITON = backends.why_unavailable("triton", torch.device("cpu")) is None
 needs_triton = pytest.mark.skipif(not TRITON, reason="Triton does not run on CPU tensors here")
@@ -117,6 +117,28 @@ def test_dense_per_expert_shape_rule(monkeypatch):
     assert not _moe_dense.use_dense_per_expert(11, 5)
     monkeypatch.setenv("FSOSR_MOE_MLP_PATH", "dense")
     assert _moe_dense.use_dense_per_expert(22, 2)
+    for keep_rule in ("", "auto"):
+        monkeypatch.setenv("FSOSR_MOE_MLP_PATH", keep_rule)
+        assert _moe_dense.use_dense_per_expert(11, 5) and not _moe_dense.use_dense_per_expert(22, 2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("value", ["Dense", "routed ", "unit"])
+def test_mistyped_path_variable_raises(monkeypatch, value, backend):
+    """A value the C++ rule would silently ignore makes both public ops raise before any backend runs."""
+    if backends.why_unavailable(backend, torch.device("cpu")) is not None:
+        pytest.skip(f"{backend} backend not usable here")
+    monkeypatch.setenv("FSOSR_MOE_MLP_PATH", value)
+    routing = topk_route(torch.randn(3, 4), 2)
+    w1, b1, w2, b2 = torch.randn(4, 5, 6), torch.randn(4, 6), torch.randn(4, 6, 5), torch.randn(4, 5)
+    for call in (lambda: moe_mlp(torch.randn(3, 5), routing, w1, b1, w2, b2, backend=backend),
+                 lambda: moe_mlp_per_expert_input(torch.randn(4, 3, 5), routing, w1, b1, w2, b2, backend=backend)):
+        with pytest.raises(ValueError, match=r"FSOSR_MOE_MLP_PATH must be routed, dense or auto.*" + repr(value)):
+            call()
+    for good in ("routed", "dense", "auto", ""):
+        monkeypatch.setenv("FSOSR_MOE_MLP_PATH", good)
+        moe_mlp(torch.randn(3, 5), routing, w1, b1, w2, b2, backend=backend)
+        moe_mlp_per_expert_input(torch.randn(4, 3, 5), routing, w1, b1, w2, b2, backend=backend)
 
 
 @pytest.mark.gpu
