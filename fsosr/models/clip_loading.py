@@ -202,8 +202,11 @@ def build_open_clip(name: str, checkpoint: str | os.PathLike | None = None, *,
         path = require_file(checkpoint, f"CLIP {name}")
         if is_torchscript_archive(path):
             if not quick_gelu:
+                # Suggest the -quickgelu name only where such a config exists (open_clip's; not fsosr's own).
+                hint = (f" (use the name {name}-quickgelu to say so)" if is_open_clip_config(f"{name}-quickgelu")
+                        else "")
                 warnings.warn(f"{path} is an OpenAI TorchScript checkpoint: building {name} with QuickGELU as "
-                              f"OpenAI trained it (use the name {name}-quickgelu to say so)", stacklevel=2)
+                              f"OpenAI trained it{hint}", stacklevel=2)
                 quick_gelu = True
             model = _build_random(name, config, quick_gelu=True)
             state = _torchscript_state_dict(path, name)
