@@ -48,10 +48,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 def _to_rgb(image: Image.Image, path) -> Image.Image:
     if image.mode.startswith("I"):          # I;16, I;16B, I;16L (16-bit) or I (32-bit, 16-bit data in older Pillow)
         array = np.asarray(image).astype(np.int64)
-        if image.mode == "I" and array.size and (array.min() < 0 or array.max() > 65535):
+        low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        if image.mode == "I" and (low < 0 or high > 65535):
             raise CorruptImageError(path, "32-bit integer pixels (PIL mode I) beyond the 16-bit range are not "
                                           "supported: save the image with 8 or 16 bits per channel")
-        if image.mode != "I" or (array.size and array.max() > 255):
+        if image.mode != "I" or high > 255:
             array = array >> 8
         return Image.fromarray(array.astype(np.uint8)).convert("RGB")
     if image.mode == "F":

@@ -117,12 +117,13 @@ class VTAB1k(ImageDataset):
             raise MissingDataError(absent[0], VTAB_LAYOUT + f"\n  ({len(absent)} listed images are missing)")
         if num_classes is None:
             num_classes = VTAB_NUM_CLASSES.get(task)
-        if num_classes is None:
-            every_label = [label for name in sorted(set(VTAB_SPLIT_FILES.values()))
-                           if os.path.isfile(os.path.join(base, name))
-                           for label in read_list_file(os.path.join(base, name), base, VTAB_LAYOUT)[1]]
-            num_classes = max(every_label) + 1 if every_label else 0
         list_file = os.path.join(base, VTAB_SPLIT_FILES[split])
+        if num_classes is None:   # this split's labels are read already; the other list files add theirs
+            other_files = [os.path.join(base, name) for name in sorted(set(VTAB_SPLIT_FILES.values()))
+                           if os.path.join(base, name) != list_file and os.path.isfile(os.path.join(base, name))]
+            every_label = labels + [label for path in other_files
+                                    for label in read_list_file(path, base, VTAB_LAYOUT)[1]]
+            num_classes = max(every_label) + 1 if every_label else 0
         outside = [label for label in labels if label >= num_classes]
         if outside:
             raise MalformedDataError(list_file, f"label {outside[0]} is outside the task's {num_classes} classes",
