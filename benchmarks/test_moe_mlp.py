@@ -173,30 +173,46 @@ def moe_step(shape_name: str, provider: str, mode: str, dtype: str = "float32", 
     return fn
 
 
+def _resident_bytes(key: str) -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+
+def steady_state_peak_mib(fn) -> float:
+    """Extra peak memory of ``fn()`` after one warm-up call whose gradients are then dropped (as
+    zero_grad(set_to_none=True) leaves a training step): on the GPU from the CUDA allocator (exact in any process:
+    it counts allocated bytes, not the cache); on the CPU as the peak resident set (VmHWM, reset through
+    /proc/self/clear_refs) minus the resident set at that point, which is meaningful only in a fresh process
+    started as :func:`peak_memory_mib` starts it."""
+    cuda = DEVICE.type == "cuda"
+    fn()
+    for leaf in fn.leaves:
+        leaf.grad = None
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    before = torch.cuda.memory_allocated() if cuda else _resident_bytes("VmRSS:")
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    after = torch.cuda.max_memory_allocated() if cuda else _resident_bytes("VmHWM:")
+    return (after - before) / 2**20
+
+
 def peak_memory_mib(shape_name: str, provider: str, mode: str, dtype: str) -> float:
-    """Extra peak memory of a step in steady state, measured in a fresh process after one warm-up step whose
-    gradients are then dropped (as zero_grad(set_to_none=True) leaves a training step): on the GPU from the CUDA
-    allocator; on the CPU as the peak resident set (VmHWM, reset through /proc/self/clear_refs) minus the resident
-    set at that point, with glibc mapping every block over 64 KiB afresh and unmapping it when freed (a static
-    MALLOC_MMAP_THRESHOLD_), so that the resident set follows the live buffers rather than the heap's free
-    space (the warm-up's freed buffers would otherwise stay resident and hide the step's own)."""
-    script = (
-        "import sys, torch; sys.path.insert(0, {here!r}); import test_moe_mlp as t\n"
-        "def status(key):\n"
-        "    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key))\n"
-        "fn = t.moe_step({shape!r}, {provider!r}, {mode!r}, {dtype!r})\n"
-        "cuda = t.DEVICE.type == 'cuda'\n"
-        "fn()\n"
-        "for leaf in fn.leaves: leaf.grad = None\n"
-        "if cuda: torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()\n"
-        "else: open('/proc/self/clear_refs', 'w').write('5')\n"
-        "before = torch.cuda.memory_allocated() if cuda else status('VmRSS:')\n"
-        "fn()\n"
-        "if cuda: torch.cuda.synchronize()\n"
-        "after = torch.cuda.max_memory_allocated() if cuda else status('VmHWM:')\n"
-        "print((after - before) / 2**20)\n"
-    ).format(here=os.path.dirname(os.path.abspath(__file__)), shape=shape_name, provider=provider, mode=mode,
-             dtype=dtype)
+    """:func:`steady_state_peak_mib` of a fresh step. On the GPU in this process (until 2026-11-23 in a fresh
+    one, ~100 s of a GPU session's benchmark call spent starting processes). On the CPU in a fresh process with
+    glibc mapping every block over 64 KiB afresh and unmapping it when freed (a static MALLOC_MMAP_THRESHOLD_), so
+    that the resident set follows the live buffers rather than the heap's free space (the warm-up's freed buffers,
+    and those of earlier tests, would otherwise stay resident and hide the step's own)."""
+    if DEVICE.type == "cuda":
+        return steady_state_peak_mib(moe_step(shape_name, provider, mode, dtype))
+    script = ("import sys; sys.path.insert(0, {here!r}); import test_moe_mlp as t\n"
+              "print(t.steady_state_peak_mib(t.moe_step({shape!r}, {provider!r}, {mode!r}, {dtype!r})))\n"
+              ).format(here=os.path.dirname(os.path.abspath(__file__)), shape=shape_name, provider=provider,
+                       mode=mode, dtype=dtype)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
