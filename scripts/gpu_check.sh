@@ -21,7 +21,8 @@
 #   3. "build bench" with FSOSR_BENCH_FILTER="not test_moe_adapter_layer", then "profile" / "tune" / "sanitize"
 #      as time allows. A step that would get under 40 s is skipped and says so. Put FSOSR_COMMIT=<sha of HEAD> in
 #      each command (the machine's copy has no git history) and merge the runs' JSON with
-#      `python benchmarks/report.py run1.json run2.json ...`.
+#      `python benchmarks/report.py run1.json run2.json ... --readme README.md --section h100` (rewrites only the
+#      README's H100 tables; the prose reading them is updated by hand).
 set -u
 OUT_DIR=${1:-${OUT:-gpu_check_out}}
 mkdir -p "$OUT_DIR"
