@@ -1,7 +1,7 @@
 """``fsosr.optim.MaskedAdamW``: MoSA's optimizer step for a model's :class:`~fsosr.nn.SparseAdapter` modules as one
 fused :func:`fsosr.ops.masked_adamw_` call over a flat buffer.
 
-What MoSA's trainer does per step (research/mosa_moecl_dnpg.md §1.5): ``p.grad *= p.mask`` for every expert copy,
+What MoSA's trainer does per step (its ``src/engine/trainer.py``): ``p.grad *= p.mask`` for every expert copy,
 then HF AdamW (eps 1e-6, bias correction per tensor, decoupled decay after the step, wd 0.01 on every tensor whose
 name is not a bias — the adapter LayerNorm weight included). Here every trainable tensor of the adapters lives in
 one contiguous buffer (the modules' parameters become views of it), each tensor is one segment of the op, and the

@@ -196,7 +196,7 @@ def test_gpu_training_matches_the_cpu(backend):
 
 def test_mosa_vit_trains_with_two_passes_and_only_adapters_and_head_move():
     """MoSA's recipe on a tiny timm ViT: two stochastic passes per step, CE on the first plus the symmetric KL
-    consistency between the passes (research §1.4: ADD_WEIGHT 0, REG_WEIGHT 1), one MaskedAdamW for the sparse
+    consistency between the passes (MoSA's scripts: ADD_WEIGHT 0, REG_WEIGHT 1), one MaskedAdamW for the sparse
     adapters and the head."""
     from fsosr.models.vit import TINY_VIT_KWARGS, build_vit  # noqa: PLC0415
 

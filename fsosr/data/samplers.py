@@ -150,7 +150,8 @@ class OpenSetEpisodes:
     open classes among the rest, then per open class its support and queries.
 
     ``open_queries="tane"`` draws open queries from all of the class's images, as the original does (they may
-    repeat the open support; research/mosa_moecl_dnpg.md §3.5); ``"disjoint"`` excludes the open support.
+    repeat the open support: DNPG's loader draws ``np.random.choice(range(len(imgs)), 15)``); ``"disjoint"``
+    excludes the open support.
     """
 
     def __init__(self, labels: Sequence[int] | np.ndarray, *, n_ways: int = 5, n_open_ways: int = 5,
@@ -215,8 +216,7 @@ class OpenSetEpisodes:
 # ----------------------------------------------------------------------------------------------------------------
 
 # CIFAR-100 class order of the class-incremental benchmarks: iCaRL's order (its "seed 1993" shuffle), as shipped in
-# MoE-Adapters4CL's cil/class_orders/cifar100.yaml (also used by DER, PODNet and continuum-based code). Not in the
-# shared research notes; read from that public file.
+# MoE-Adapters4CL's cil/class_orders/cifar100.yaml (also used by DER, PODNet and continuum-based code).
 CIFAR100_CLASS_ORDER = (
     87, 0, 52, 58, 44, 91, 68, 97, 51, 15, 94, 92, 10, 72, 49, 78, 61, 14, 8, 86, 84, 96, 18, 24, 32, 45, 88, 11, 4,
     67, 69, 66, 77, 47, 79, 93, 29, 50, 57, 83, 17, 81, 41, 12, 37, 59, 25, 20, 80, 73, 1, 28, 6, 46, 62, 82, 53, 9,
@@ -262,7 +262,7 @@ def seen_classes(tasks: Sequence[Sequence[int]], task: int) -> list[int]:
     return [c for t in tasks[:task + 1] for c in t]
 
 
-# MTCL / MTIL order I (research/mosa_moecl_dnpg.md §2.5). Order II is not in the research notes and is left out.
+# MTCL / MTIL order I (ZSCL's, as MoE-Adapters4CL runs it). Order II was not checked against a source: left out.
 MTCL_ORDER_I = MTIL_DATASETS
 
 

@@ -2,8 +2,8 @@
 
 Source of the tables: ``data/open_set_splits/osr_splits.py`` of sgvaze/osr_closed_set_all_you_need (Vaze et al.,
 "Open-Set Recognition: a Good Closed-Set Classifier is All You Need", ICLR'22), which descends from ARPL's
-``split.py`` and is vendored unchanged by FSMoE. The lists below are copied from the project's research notes
-(``research/ecosystem_style.md`` §2, cross-checked against ``research/fsmoe_locoop.md`` A.6).
+``split.py`` and is vendored unchanged by FSMoE. The lists below are copied from that file and cross-checked
+against FSMoE's copy.
 
 Conventions (Vaze's ``get_class_splits``):
 - each list gives the **known** classes, in the order that defines their remapped labels 0..K-1;

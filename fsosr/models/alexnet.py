@@ -1,4 +1,4 @@
-"""DDAS's image feature: sigmoid of torchvision AlexNet's conv5 activations (research/mosa_moecl_dnpg.md §2.4).
+"""DDAS's image feature: sigmoid of torchvision AlexNet's conv5 activations (MoE-Adapters4CL's ``AutoEncoder.py``).
 
 ``u = sigmoid(alexnet.features[:-2](image)).flatten(1)``. ``features[:-2]`` drops the last two modules of
 torchvision's ``features`` — the ReLU after conv5 *and* the final max-pool — so the sigmoid acts on conv5's raw

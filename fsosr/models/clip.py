@@ -6,13 +6,13 @@ model's own modules (``visual._embeds``/``_pool``, each block's ``ln_1``/``atten
 / ``encode_text`` bit for bit. What it adds:
 
 - taps (:meth:`ClipBackbone.image_features`): FSMoE's per-block CLS tokens (raw residual stream after blocks
-  1..L−1, research fsmoe_locoop.md A.1), LoCoOp's local features from the last block's value path (B.1), open_clip's
-  final patch tokens, and the global embedding — all from one pass;
+  1..L−1, FSMoE's ``clip_revised``), LoCoOp's local features from the last block's value path (its ``clip_w_local``),
+  open_clip's final patch tokens, and the global embedding — all from one pass;
 - text from token embeddings (:meth:`ClipBackbone.encode_text_embeddings`) for prompt learners, any number of
   prompts in one batched pass;
 - adapter slots (:meth:`ClipBackbone.add_moe_adapters`): one :class:`~fsosr.nn.MoEAdapter` per block of either
   tower, parallel to the MLP and fed the post-attention residual ``h``:
-  ``out = h + MLP(LN2(h)) + adapter(h)`` (MoE-Adapters4CL, research mosa_moecl_dnpg.md §2.1), with a task switch
+  ``out = h + MLP(LN2(h)) + adapter(h)`` (MoE-Adapters4CL's ``mtil/clip/model.py``), with a task switch
   where task −1 bypasses every adapter (DDAS's plain CLIP).
 
 The CLIP weights are frozen on construction; adapters added later are trainable.

@@ -1,4 +1,4 @@
-"""The RFS/TANE ResNet-12 with DropBlock: DNPG's backbone (research/mosa_moecl_dnpg.md §3.1).
+"""The RFS/TANE ResNet-12 with DropBlock: DNPG's backbone (its ``architectures/ResNetFeat.py``).
 
 Four residual stages of widths 64-160-320-640. Each stage: three conv3×3 (no bias) + BatchNorm, LeakyReLU(0.1)
 after the first two, a conv1×1 + BatchNorm shortcut added before the third LeakyReLU, then a 2×2 max-pool. After

@@ -1,4 +1,4 @@
-"""timm Vision Transformers with MoSA's sparse adapters (research/mosa_moecl_dnpg.md §1.2), from local weights only.
+"""timm Vision Transformers with MoSA's sparse adapters (Zhang et al. 2023), from local weights only.
 
 MoSA fine-tunes the supervised ImageNet-21k ViT-B/16 (:data:`VIT_B16_IN21K`) with one :class:`SparseAdapter` per
 block (two for Houlsby) and a new linear head; everything else is frozen.

@@ -65,7 +65,7 @@ def _resync_frozen_ids(module: MoEAdapter, _incompatible_keys) -> None:
 
 
 class MoEAdapter(nn.Module):
-    """MoE-Adapters4CL's mixture of bottleneck adapters for one transformer block (research §2.1-2.3).
+    """MoE-Adapters4CL's mixture of bottleneck adapters for one transformer block (Yu et al., CVPR 2024).
 
     Expert e: ``Linear(width, r) → act → Dropout(p) → Linear(r, width) → ×scale``; a sample's L tokens all follow
     the top-k experts its token 0 (CLS for images, SOT for text) picks, with the same gates.
@@ -296,7 +296,7 @@ class MoEAdapter(nn.Module):
 
 
 class LayerExpertMoE(nn.Module):
-    """FSMoE's sparse MoE over ViT layers (research fsmoe_locoop.md A.1, A.3).
+    """FSMoE's sparse MoE over ViT layers (the seed's ``SparseMoE`` in ``models/models_lowlayer3.py``).
 
     Expert i = ``Linear(in_features, hidden) → ReLU → Linear(hidden, out_features)`` reads the CLS feature of layer
     i; the router ``Linear(router_in, router_hidden) → ReLU → Linear(router_hidden, E)`` reads the final normalised

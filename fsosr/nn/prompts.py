@@ -10,9 +10,10 @@ embeddings of real words, the prompt is exactly the embedding of the equivalent 
 Truncation (``truncate=True``, the default). The text tower is causal, so the state at the EOT token — the only
 one the text embedding reads — never sees the padding after it. The learners therefore keep only the first
 ``max(EOT position) + 1`` tokens: for short class names (CIFAR, digits) that is ~10 of 77 tokens, a several-fold
-cut in the text encoder's cost, which dominates instance-conditioned methods (research fsmoe_locoop.md A.3). The
-result equals the full-length pass up to float rounding (summation order inside attention changes), not bit for
-bit; ``truncate=False`` reproduces open_clip bitwise. Text towers without a causal mask are never truncated.
+cut in the text encoder's cost, which dominates instance-conditioned methods (B·C prompts a step; in FSMoE it
+outweighs the MoE). The result equals the full-length pass up to float rounding (summation order inside attention
+changes), not bit for bit; ``truncate=False`` reproduces open_clip bitwise. Text towers without a causal mask are
+never truncated.
 
 The learner holds a reference to the CLIP but does not register it as a submodule: ``parameters()`` and
 ``state_dict()`` hold only what the method trains (the prefix/suffix buffers are rebuilt from the CLIP and the class
@@ -213,7 +214,7 @@ class ClassPrompts(nn.Module):
 
 
 class CoOpPromptLearner(ClassPrompts):
-    """CoOp's learnable context (Zhou et al. 2022), used by CoOp and LoCoOp (research fsmoe_locoop.md B.1).
+    """CoOp's learnable context (Zhou et al. 2022), used by CoOp and LoCoOp (Miyai et al. 2023).
 
     Args:
         clip: a frozen :class:`~fsosr.models.clip.ClipBackbone`.

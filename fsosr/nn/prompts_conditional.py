@@ -1,4 +1,4 @@
-"""Image-conditioned prompt learners: CoCoOp and FSMoE's full-spectrum learner (research fsmoe_locoop.md A.1).
+"""Image-conditioned prompt learners: CoCoOp and FSMoE's full-spectrum learner (Xie et al. 2025).
 
 Both shift a shared context by functions of the image, so every image has its own C class prompts. The seeds run
 the text tower once per image in a Python loop; here all B·C prompts go through it in one batched pass
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fsosr.nn.moe import LayerExpertMoE
@@ -106,7 +105,7 @@ class CoCoOpPromptLearner(ClassPrompts):
 
 @dataclass
 class FSMoEOutput:
-    """What one FSMoE forward returns besides the logits (the pieces FSMoE's loss needs, research A.2).
+    """What one FSMoE forward returns besides the logits (the pieces FSMoE's loss CE + 0.1·L_rc needs).
 
     logits: [B, C] exp(logit_scale)·⟨f_b, t_{b,c}⟩ (higher = more like class c; MLS score = max over c).
     image_features: [B, D] f, the L2-normalised image embedding.
@@ -125,7 +124,7 @@ class FSMoEOutput:
 
 
 class FSMoEPromptLearner(ClassPrompts):
-    """FSMoE's full-spectrum prompt learner (research fsmoe_locoop.md A.1).
+    """FSMoE's full-spectrum prompt learner (Xie et al., Neural Networks 2025; the seed's ``models_lowlayer3.py``).
 
     One unified context ``ctx [n_ctx, width]``. For image b with normalised embedding f_b and CLS tokens of the
     residual stream after blocks 1..L−1 (``ClipBackbone.image_features(layer_cls=True).layer_cls``):

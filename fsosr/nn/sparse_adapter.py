@@ -1,4 +1,4 @@
-"""MoSA's mixture of sparse adapters (research §1) with compact expert storage.
+"""MoSA's mixture of sparse adapters (Zhang et al. 2023, arXiv 2312.02923) with compact expert storage.
 
 A bottleneck adapter ``Up(act(Down(x)))`` whose split matrices are shared by N experts: each entry belongs to one
 expert (a fixed random partition), one expert per projection is drawn uniformly per forward while training (the
@@ -217,7 +217,7 @@ class SparseLinear(nn.Module):
 
 @dataclass(frozen=True)
 class AdapterPlacement:
-    """Where MoSA puts an adapter in a ViT block and what the adapter looks like there (research §1.2)."""
+    """Where MoSA puts an adapter in a ViT block and what the adapter looks like there (MoSA's ``vit_mosa.py``)."""
     name: str
     adapters_per_block: int
     where: str            # the block's forward with the adapter(s), h = x + Attn(LN1(x))

@@ -1,6 +1,6 @@
 """``fsosr.ops.masked_adamw_``: MoSA's masked HF-AdamW step, fused over one flat buffer of every adapter parameter.
 
-Layout (compact MoSA storage, research/mosa_moecl_dnpg.md §1.5):
+Layout (compact MoSA storage, as in :mod:`fsosr.ops.sparse_adapter`):
 
 - ``params``, ``grads``, ``exp_avg``, ``exp_avg_sq``: fp32 (or fp64) [P], every trainable adapter entry of a model
   back to back. A split matrix is stored once (``W_own``): entry e belongs to expert ``owner[e]``. N per-expert
@@ -11,7 +11,7 @@ Layout (compact MoSA storage, research/mosa_moecl_dnpg.md §1.5):
   decay, e.g. per block: {shared weights, shared biases, split up weight, per-expert up biases}.
   ``selected`` int64 [S]: the expert drawn for that segment this step (ignored by shared entries), or
   int64 [S, D]: the D experts drawn since the last step (repeats allowed). MoSA's default recipe runs the model
-  twice per step with fresh draws (``ADDITIONAL=True``, research/mosa_moecl_dnpg.md §1.4), so up to two experts
+  twice per step with fresh draws (``ADDITIONAL=True`` in all its scripts), so up to two experts
   per segment receive a gradient: pass both draws, and ``grads`` holding each drawn expert's own entries.
   ``weight_decay``: a float or fp64 [S] (MoSA: 0.01 for weights and the adapter LayerNorm weight, 0 for biases).
 - ``grads`` at an entry owned by an expert that was not drawn are never read into the update (the select drops

@@ -1,6 +1,6 @@
 """MoSA's compact sparse-expert weights: materialise one expert, merge all experts, the seed's gradient masks.
 
-MoSA (research §1) keeps N dense copies of a split adapter matrix; expert i owns the entries of a fixed disjoint
+MoSA (Zhang et al. 2023) keeps N dense copies of a split adapter matrix; expert i owns the entries of a fixed disjoint
 mask M_i and only those are trained. Because every entry has exactly one owner, the N copies are stored here as
 
 - ``w_own`` [*S]: entry e holds the value of its owner's copy (the only copy that trains it);

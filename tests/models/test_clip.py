@@ -73,7 +73,7 @@ def test_layer_cls_are_raw_residual_after_blocks_1_to_L_minus_1(tiny, images):
 
 
 def _local_features_by_hand(model: ClipBackbone, images: torch.Tensor) -> torch.Tensor:
-    """LoCoOp's value path written from the block weights (research fsmoe_locoop.md B.1)."""
+    """LoCoOp's value path written from the block weights (the seed's ``clip_w_local/model.py``)."""
     visual = model.clip.visual
     x = visual._embeds(images)
     for block in visual.transformer.resblocks[:-1]:

@@ -76,7 +76,7 @@ def test_layer_scale_blocks_keep_their_scales(tmp_path, images):
 
 
 def manual_block(block, adapters, placement, x):
-    """One block written out from research §1.2 with the timm block's weights (merged adapters, eval)."""
+    """One block written out from MoSA's ``MoSABlock`` with the timm block's weights (merged adapters, eval)."""
     h = x + block.attn(block.norm1(x))
     if placement == "adaptformer":
         return h + block.mlp(block.norm2(h)) + adapters[0](h)

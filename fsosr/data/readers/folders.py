@@ -20,7 +20,7 @@ IMAGENET_LAYOUT = """  <root>/images/train/<wnid>/*.JPEG   (or <root>/train/<wni
   <root>/images/val/<wnid>/*.JPEG     (validation images re-foldered by class, 50 per class)
   <root>/classnames.txt               (CoOp's file: one "<wnid> <class name>" per line, 1000 lines)"""
 
-# Order I of the MTCL / MTIL benchmark (ZSCL; MoE-Adapters4CL), research/mosa_moecl_dnpg.md §2.5.
+# Order I of the MTCL / MTIL benchmark as ZSCL defines it and MoE-Adapters4CL uses it.
 MTIL_DATASETS = ("Aircraft", "Caltech101", "CIFAR100", "DTD", "EuroSAT", "Flowers", "Food", "MNIST",
                  "OxfordPet", "StanfordCars", "SUN397")
 
