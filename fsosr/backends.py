@@ -79,14 +79,15 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-# Ops whose automatic choice on CUDA tensors is ``cuda`` before ``triton``, because the cuda kernel was faster in
-# every row of the committed H100 benchmarks (benchmarks/results/2026-11-22-h100*.json): topk_route forward 91-172
-# vs 427-841 µs, forward+backward 0.61-1.04 vs 1.26-1.60 ms; masked_adamw_ 49 vs 151 µs (ViT-B/16) and 307 vs
-# 466 µs (16x the blocks) per call, where the Triton wrapper's host time dominates. moe_mlp stays Triton-first: its
-# cuda kernels are SIMT (2.1 ms of device time per bf16 adapter fwd+bwd against 0.49 ms for triton), and in a whole
-# MoE-Adapters4CL training step on an H100 (benchmarks/results/2026-11-22-h100-c.json), where the wrappers' host
-# time overlaps the backbone's GPU work, triton experts took 192.6 ms against 217.3 ms with cuda. Experts wider than
-# the Triton kernels hold on chip go to cuda through moe_mlp's shape limits. Re-measure when either side changes.
+# Ops whose automatic choice on CUDA tensors is ``cuda`` before ``triton``, because the cuda kernel was faster per
+# eager call in every row of the README's H100 run (benchmarks/results/2026-11-22-h100-c.json): topk_route forward
+# 131-309 vs 706-1210 µs, forward+backward 0.88-1.34 vs 2.11-2.27 ms; masked_adamw_ 68 vs 286 µs (ViT-B/16) and
+# 331 vs 376 µs (16x the blocks), where the Triton wrapper's host time dominates (replayed from a CUDA graph the
+# Triton step is the faster one at 16x the blocks, 240 vs 282 µs). moe_mlp stays Triton-first: its cuda kernels are
+# SIMT (2.1 ms of device time per bf16 adapter fwd+bwd against 0.49 ms for triton), and in a whole MoE-Adapters4CL
+# training step on an H100 (same file), where the wrappers' host time overlaps the backbone's GPU work, triton
+# experts took 192.6 ms against 217.3 ms with cuda. Experts wider than the Triton kernels hold on chip go to cuda
+# through moe_mlp's shape limits. Re-measure when either side changes.
 CUDA_FIRST = frozenset({"topk_route", "masked_adamw_"})
 
 
