@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, next_power_of_2
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Entries per program of the step kernel. 1024 with 4 warps is 8 entries per thread: enough bytes in flight per
@@ -309,12 +311,12 @@ def masked_adamw(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offse
     numel = params.numel()
     search_steps = math.ceil(math.log2(num_segments)) if num_segments > 1 else 0
     if num_pairs and fused(num_experts):
-        programs = max(1, triton.cdiv(numel, BLOCK))       # one even without entries: it advances the counters
+        programs = max(1, cdiv(numel, BLOCK))       # one even without entries: it advances the counters
         _fused_kernel[(programs,)](
             params, grads, exp_avg, exp_avg_sq, owner, segment_offsets, steps, selected, weight_decay,
             _arrival_counter(device) if advance_steps else steps, numel, num_segments, num_experts, draws, programs,
             _bits(lr), _bits(beta1), _bits(beta2), _bits(eps), MOSA=semantics == 0, ADVANCE=bool(advance_steps),
-            SEARCH_STEPS=search_steps, SLOTS=triton.next_power_of_2(num_experts + 1), BLOCK=BLOCK,
+            SEARCH_STEPS=search_steps, SLOTS=next_power_of_2(num_experts + 1), BLOCK=BLOCK,
             RULES_BLOCK=RULES_BLOCK, num_warps=4)
         return
     step_size = torch.empty(num_pairs, dtype=dtype, device=device)
@@ -323,12 +325,12 @@ def masked_adamw(params, exp_avg, exp_avg_sq, steps, grads, owner, segment_offse
     consts = torch.empty(5, dtype=dtype, device=device)
     if num_pairs == 0:
         return
-    _rules_kernel[(triton.cdiv(num_pairs, RULES_BLOCK),)](
+    _rules_kernel[(cdiv(num_pairs, RULES_BLOCK),)](
         steps, selected, weight_decay, step_size, decay, flags, consts, num_pairs, num_experts, draws,
         _bits(lr), _bits(beta1), _bits(beta2), _bits(eps),
         MOSA=semantics == 0, ADVANCE=bool(advance_steps), BLOCK=RULES_BLOCK, num_warps=4)
     if numel == 0:
         return
-    _step_kernel[(triton.cdiv(numel, BLOCK),)](
+    _step_kernel[(cdiv(numel, BLOCK),)](
         params, grads, exp_avg, exp_avg_sq, owner, segment_offsets, step_size, decay, flags, consts,
         numel, num_segments, num_experts, SEARCH_STEPS=search_steps, BLOCK=BLOCK, num_warps=4)

@@ -48,6 +48,7 @@ import triton.language as tl
 from . import moe_mlp_units
 from .moe_mlp_device import _activation, _activation_grad, _dropout_multiplier, _hidden, _mma, _num_warps, \
     _pow2_at_least_16, _upcast, dropout_arguments, launch_options, tuning
+from ._launch import cdiv
 
 # Fixed configs (multi-config autotune does not run in the interpreter). tl.dot needs every dim >= 16 compiled,
 # so the hidden width and the chunk widths are padded up to at least 16.
@@ -343,7 +344,7 @@ def _rows_options(dtype, d, h, d_out, activation, dropout, per_expert_input, per
 def _sum_slots(slots, out, k, G, width):
     num_elements = out.numel()
     if num_elements:
-        _sum_slots_kernel[(triton.cdiv(num_elements, SUM_BLOCK),)](slots, out, num_elements, k, G, width,
+        _sum_slots_kernel[(cdiv(num_elements, SUM_BLOCK),)](slots, out, num_elements, k, G, width,
                                                                    BLOCK=SUM_BLOCK, num_warps=4)
 
 
@@ -376,7 +377,7 @@ def moe_mlp_forward(x, indices, gates, order, offsets, w1, b1, w2, b2, group_siz
         return y, hidden_pre
     per_slot = k > 1
     out = torch.empty((num_rows, d_out), dtype=torch.float32, device=x.device) if per_slot else y
-    _forward_kernel[(triton.cdiv(num_rows, BLOCK_M),)](
+    _forward_kernel[(cdiv(num_rows, BLOCK_M),)](
         x, indices, gates, order, w1, b1, w2, b2, hidden_pre, out,
         num_rows, num_units, k, G, d, h, d_out, num_experts, float(scale),
         *dropout_arguments(dropout, seed_key),
@@ -398,7 +399,7 @@ def _backward_rows_by_expert(grad_y, x, indices, gates, order, w1, w2, b2, hidde
     else:
         grad_x = torch.empty_like(x)
         dx_out = torch.empty((num_rows, d), dtype=torch.float32, device=x.device) if per_slot else grad_x
-    _backward_rows_kernel[(triton.cdiv(num_rows, BLOCK_M),)](
+    _backward_rows_kernel[(cdiv(num_rows, BLOCK_M),)](
         grad_y, indices, gates, order, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part, dx_out,
         num_rows, num_units, k, G, d, h, d_out, num_experts, float(scale),
         *dropout_arguments(dropout, seed_key),
@@ -416,7 +417,7 @@ def _num_splits(num_rows, num_experts, d, h, d_out, num_blocks) -> int:
     workspace. Depends on shapes only, which keeps the sums reproducible."""
     if num_experts * num_blocks >= FILL_PROGRAMS:
         return 1
-    wanted = triton.cdiv(num_rows, num_experts * WEIGHT_ROWS * 4)
+    wanted = cdiv(num_rows, num_experts * WEIGHT_ROWS * 4)
     fits = WORKSPACE_ELEMENTS // max(1, num_experts * (d * h + h * d_out + h + d_out))
     return max(1, min(wanted, MAX_SPLITS, fits))
 
@@ -455,7 +456,7 @@ def moe_mlp_backward(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, 
     tuned = tuning()
     block_d = _pow2_at_least_16(max(d, d_out), tuned.get("weight_block_d", _weight_block(x.dtype, h_pad)))
     # d blocks (at least one, which writes grad_b1 even when d = 0), then d_out blocks.
-    num_blocks = max(1, triton.cdiv(d, block_d)) + triton.cdiv(d_out, block_d)
+    num_blocks = max(1, cdiv(d, block_d)) + cdiv(d_out, block_d)
     splits = tuned.get("weight_splits") or _num_splits(num_rows, num_experts, d, h, d_out, num_blocks)
     grads = [torch.empty_like(w) for w in (w1, b1, w2, b2)]
     partials = grads if splits == 1 else [torch.empty((splits, *g.shape), dtype=f32, device=device) for g in grads]
@@ -467,6 +468,6 @@ def moe_mlp_backward(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, 
         **launch_options(_num_warps(h_pad * block_d // 64), "weight_"))   # its accumulator is [BLOCK_D, H_PAD]
     largest = max(g.numel() for g in grads)
     if splits > 1 and largest:
-        _reduce_splits_kernel[(triton.cdiv(largest, SUM_BLOCK), 4)](
+        _reduce_splits_kernel[(cdiv(largest, SUM_BLOCK), 4)](
             *partials, *grads, *(g.numel() for g in grads), splits, BLOCK=SUM_BLOCK, num_warps=4)
     return (grad_x, grad_gates, *grads)

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .moe_mlp_device import _dropout_multiplier, dropout_arguments
+from ._launch import cdiv, next_power_of_2
 
 BLOCK_H = 512     # hidden columns per program (FSMoE: h = 1536, three programs per (expert, unit))
 
@@ -41,7 +42,7 @@ def expert_dropout_multipliers(indices: torch.Tensor, num_experts: int, hidden: 
     if out.numel() == 0:
         return out
     threshold, keep_scale, key = dropout_arguments(dropout, seed_key)
-    grid = (num_units, num_experts, triton.cdiv(hidden, BLOCK_H))
+    grid = (num_units, num_experts, cdiv(hidden, BLOCK_H))
     _expert_dropout_kernel[grid](indices.contiguous(), out, num_units, k, hidden, threshold, keep_scale, key,
-                                 K_PAD=triton.next_power_of_2(max(k, 1)), BLOCK_H=BLOCK_H, num_warps=4)
+                                 K_PAD=next_power_of_2(max(k, 1)), BLOCK_H=BLOCK_H, num_warps=4)
     return out

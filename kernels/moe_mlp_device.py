@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import next_power_of_2
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # fp32 dots: 3xTF32 on the GPU (fp32-level error, 5e-7 relative measured on an H100, and 1.3-8x faster than
@@ -18,7 +20,7 @@ FP32_PRECISION = tl.constexpr("ieee" if _INTERPRET else "tf32x3")
 
 
 def _pow2_at_least_16(n: int, cap: int | None = None) -> int:
-    p = max(16, triton.next_power_of_2(max(n, 1)))
+    p = max(16, next_power_of_2(max(n, 1)))
     return p if cap is None else min(p, cap)
 
 

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .moe_mlp_device import _activation, _activation_grad, _dropout_multiplier, _hidden, _mma, _num_warps, \
     _pow2_at_least_16, _upcast, dropout_arguments, launch_options, tuning
+from ._launch import cdiv, next_power_of_2
 
 BLOCK_K = 64            # d chunk of the first GEMM / of grad_x
 BLOCK_N = 64            # d_out chunk of the second GEMM / of dyW
@@ -180,7 +181,7 @@ def forward(x, indices, gates, w1, b1, w2, b2, y, hidden_pre, G: int, activation
     num_units, k = indices.shape
     _, d, h = w1.shape
     d_out = w2.shape[2]
-    _unit_forward_kernel[(num_units, triton.cdiv(G, _block_m(G)))](
+    _unit_forward_kernel[(num_units, cdiv(G, _block_m(G)))](
         x, indices, gates, w1, b1, w2, b2, hidden_pre, y, G, d, h, d_out, float(scale),
         *dropout_arguments(dropout, seed_key), **_options(x.dtype, k, G, d, h, d_out, activation, dropout))
 
@@ -191,7 +192,7 @@ def backward_rows(grad_y, indices, gates, w1, w2, b2, hidden_pre, dpre, scaled_h
     num_units, k = indices.shape
     _, d, h = w1.shape
     d_out = w2.shape[2]
-    _unit_backward_rows_kernel[(num_units, triton.cdiv(G, _block_m(G)))](
+    _unit_backward_rows_kernel[(num_units, cdiv(G, _block_m(G)))](
         grad_y, indices, gates, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part, grad_x,
         G, d, h, d_out, float(scale), *dropout_arguments(dropout, seed_key),
-        K_PAD=triton.next_power_of_2(k), **_options(grad_y.dtype, k, G, d, h, d_out, activation, dropout))
+        K_PAD=next_power_of_2(k), **_options(grad_y.dtype, k, G, d, h, d_out, activation, dropout))

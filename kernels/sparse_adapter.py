@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FP32_PRECISION = tl.constexpr("ieee" if _INTERPRET else "tf32x3")
 
@@ -194,7 +196,7 @@ def sparse_adapter_weight(w_own, owner, w_rest, expert):
     n = w_own.numel()
     if n:
         ptr, value, from_ptr = _expert_args(expert, w_own.device)
-        _select_kernel[(triton.cdiv(n, SELECT_BLOCK),)](
+        _select_kernel[(cdiv(n, SELECT_BLOCK),)](
             w_own, w_rest if w_rest is not None else w_own, owner, ptr, value, out, n,
             HAS_REST=w_rest is not None, FROM_PTR=from_ptr, BLOCK=SELECT_BLOCK, num_warps=4)
     return out
@@ -206,7 +208,7 @@ def sparse_adapter_weight_backward(grad, owner, expert, rest_grad: bool):
     n = grad.numel()
     if n:
         ptr, value, from_ptr = _expert_args(expert, grad.device)
-        _split_kernel[(triton.cdiv(n, SELECT_BLOCK),)](
+        _split_kernel[(cdiv(n, SELECT_BLOCK),)](
             grad, owner, ptr, value, own, rest if rest_grad else own, n,
             REST_OUT=rest_grad, FROM_PTR=from_ptr, BLOCK=SELECT_BLOCK, num_warps=4)
     return own, rest
@@ -224,7 +226,7 @@ def _selected_matmul(a, w_own, w_rest, owner, expert, bias, transpose_w: bool):
         return c.copy_(bias.expand(M, N)) if bias is not None else c.zero_()
     stride_wk, stride_wn = (1, in_features) if transpose_w else (in_features, 1)
     ptr, value, from_ptr = _expert_args(expert, a.device)
-    _linear_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
+    _linear_kernel[(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))](
         a, w_own, w_rest if w_rest is not None else w_own, owner, ptr, value, bias if bias is not None else a, c,
         M, N, K, stride_wk, stride_wn,
         HAS_REST=w_rest is not None, HAS_BIAS=bias is not None, FROM_PTR=from_ptr, UPCAST=_upcast(a.dtype),
@@ -240,9 +242,9 @@ def sparse_linear_forward(x, w_own, w_rest, owner, expert, bias):
 def num_splits(M: int, out_features: int, in_features: int) -> int:
     """Row splits of the weight-gradient reduction: enough programs to fill a GPU, each split at least
     GRAD_ROWS * 4 rows. A function of shapes only, so the summation order (and the bits) never change."""
-    tiles = triton.cdiv(out_features, BLOCK_O) * triton.cdiv(in_features, BLOCK_I)
-    wanted = triton.cdiv(TARGET_PROGRAMS, max(tiles, 1))
-    return max(1, min(wanted, MAX_SPLITS, triton.cdiv(M, GRAD_ROWS * 4)))
+    tiles = cdiv(out_features, BLOCK_O) * cdiv(in_features, BLOCK_I)
+    wanted = cdiv(TARGET_PROGRAMS, max(tiles, 1))
+    return max(1, min(wanted, MAX_SPLITS, cdiv(M, GRAD_ROWS * 4)))
 
 
 def sparse_linear_backward(grad_y, x, w_own, w_rest, owner, expert, x_grad: bool, weight_grad: bool,
@@ -261,13 +263,13 @@ def sparse_linear_backward(grad_y, x, w_own, w_rest, owner, expert, x_grad: bool
     if w_own.numel() == 0 or M == 0:
         return (grad_x, torch.zeros_like(w_own) if weight_grad else empty(),
                 torch.zeros_like(w_own) if rest_grad else empty(), grad_bias)
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), GRAD_ROWS) * GRAD_ROWS
-    splits = triton.cdiv(M, rows_per_split)
+    rows_per_split = cdiv(cdiv(M, splits), GRAD_ROWS) * GRAD_ROWS
+    splits = cdiv(M, rows_per_split)
     shape = (splits, out_features, in_features)
     own = torch.empty(shape, dtype=torch.float32 if splits > 1 else dtype, device=device)
     rest = torch.empty(shape, dtype=own.dtype, device=device) if rest_grad else own
     ptr, value, from_ptr = _expert_args(expert, device)
-    _weight_grad_kernel[(triton.cdiv(out_features, BLOCK_O), triton.cdiv(in_features, BLOCK_I), splits)](
+    _weight_grad_kernel[(cdiv(out_features, BLOCK_O), cdiv(in_features, BLOCK_I), splits)](
         grad_y, x, owner, ptr, value, own, rest, M, out_features, in_features, rows_per_split,
         REST_OUT=rest_grad, FROM_PTR=from_ptr, UPCAST=_upcast(dtype),
         BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, BLOCK_M=GRAD_ROWS, num_warps=4)
@@ -287,7 +289,7 @@ def merge_experts(w_own, owner, w_rest, coefficients, num_experts: int):
     out = torch.empty(w_own.shape, dtype=torch.float32 if staged else w_own.dtype, device=w_own.device)
     n = w_own.numel()
     if n:
-        _merge_kernel[(triton.cdiv(n, MERGE_BLOCK),)](
+        _merge_kernel[(cdiv(n, MERGE_BLOCK),)](
             w_own, w_rest if w_rest is not None else w_own, owner, coefficients, num_experts, out, n,
             HAS_REST=w_rest is not None, FP64=w_own.dtype == torch.float64, BLOCK=MERGE_BLOCK, num_warps=4,
             enable_fp_fusion=False)

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, next_power_of_2
+
 # Elements of one [BLOCK_N, E_PAD] tile. The forward keeps about five such tiles live (int64 rank keys, noisy and
 # clean logits, the rank of each expert, the gates); 2048 elements over 4 warps is 16 per thread and tile, which
 # stays in registers. E = 64 gives 32 rows per program; very large E falls back to a few rows per program and
@@ -37,7 +39,7 @@ _SENTINEL_KEY = tl.constexpr(-2147483647)
 
 
 def _padded_experts(num_experts: int) -> int:
-    return max(2, triton.next_power_of_2(num_experts))
+    return max(2, next_power_of_2(num_experts))
 
 
 def _pick_block_n(num_experts: int) -> int:
@@ -305,7 +307,7 @@ def topk_route_forward(logits, k: int, renormalize: bool, noise=None, noise_std=
 
     block_n = _pick_block_n(num_experts)
     e_pad = _padded_experts(num_experts)
-    num_programs = triton.cdiv(num_units, block_n)
+    num_programs = cdiv(num_units, block_n)
     part_counts = torch.empty((num_programs, num_experts), dtype=torch.int32, device=device)
     part_importance = torch.empty((num_programs, num_experts), dtype=torch.float32, device=device)
     smooth_load = has_noise and has_next
@@ -342,7 +344,7 @@ def topk_route_backward(grad_gates, grad_importance, grad_load, logits, noise, n
     if num_units == 0:
         return grad_logits, grad_std
     block_n = _pick_block_n(num_experts)
-    num_programs = triton.cdiv(num_units, block_n)
+    num_programs = cdiv(num_units, block_n)
     _route_backward_kernel[(num_programs,)](
         grad_gates, grad_importance, grad_load,
         logits, noise if has_noise else logits, noise_std if has_noise else logits,

@@ -76,3 +76,16 @@ def test_moe_forward_fits_up_to_the_triton_hidden_limit_and_not_beyond(compiled)
         assert compiled["probes"][f"moe_forward {dtype} h_pad=128"] <= H100_SHARED_BYTES
     # The next padded width does not fit in fp32: the limit cannot simply be raised.
     assert compiled["probes"]["moe_forward *fp32 h_pad=256"] > H100_SHARED_BYTES
+
+
+def test_triton_launchers_host_arithmetic_matches_triton():
+    """kernels/_launch.py stands in for triton.cdiv / triton.next_power_of_2 on the host (they cost 1.7 µs a call
+    as ConstexprFunctions); the launchers pass n >= 1 to next_power_of_2."""
+    import triton
+
+    from fsosr._triton._launch import cdiv, next_power_of_2
+    for n in [*range(1, 2100), 2**31 - 1, 2**31, 2**31 + 1, 2**40 + 3]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+    for a in [0, 1, 2, 63, 64, 65, 197 * 64, 2**31 + 5]:
+        for b in [1, 2, 3, 16, 64, 1024]:
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
