@@ -21,6 +21,7 @@ import triton.runtime.jit
 
 import fsosr.ops
 from conftest import measure
+from fsosr.ops._rng import seed_key_tensor
 
 # The op modules (fsosr.ops re-exports their functions under the modules' names).
 TOPK, MOE = (sys.modules[f.__module__] for f in (fsosr.ops.topk_route, fsosr.ops.moe_mlp))
@@ -51,11 +52,11 @@ def moe_layer_step(provider: str):
     x, logits, noise_std = _leaf(units * tokens, d), _leaf(units, n_experts), _leaf(units, n_experts)
     noise = torch.randn(units, n_experts)
     weights = [_leaf(n_experts, d, h), _leaf(n_experts, h), _leaf(n_experts, h, d), _leaf(n_experts, d)]
-    grad_y = torch.randn(units * tokens, d)
+    grad_y, key = torch.randn(units * tokens, d), seed_key_tensor(1234)
 
     def step():
         gates, _importance, _load, indices, _counts, order, offsets, _next = route(logits, 2, True, noise, noise_std)
-        y, _hidden_pre = experts(x, indices, gates, order, offsets, *weights, tokens, 0, 0.1, 0.1, 1234, False)
+        y, _hidden_pre = experts(x, indices, gates, order, offsets, *weights, tokens, 0, 0.1, 0.1, key, False)
         y.backward(grad_y)
     return step
 

@@ -19,17 +19,18 @@ TORCH_LIBRARY(fsosr, m) {
       "topk_route_bwd(Tensor grad_gates, Tensor grad_importance, Tensor grad_load, Tensor logits, "
       "Tensor? noise, Tensor? noise_std, Tensor indices, Tensor gates, Tensor next_index, bool renormalize) -> "
       "(Tensor, Tensor)");
-  // Mixture-of-experts MLP over a routing (docs/ops/moe_mlp.md, "Native op contract").
+  // Mixture-of-experts MLP over a routing (docs/ops/moe_mlp.md, "Native op contract"). seed_key: the dropout key,
+  // a 0-d int64 tensor on the CPU (read on the host) or, for CUDA tensors, on x's device (read by the kernels).
   // Returns (y, hidden_pre[N, k, G, h] in the accumulation dtype, saved for backward).
   m.def(
       "moe_mlp_fwd(Tensor x, Tensor indices, Tensor gates, Tensor order, Tensor offsets, Tensor w1, Tensor b1, "
-      "Tensor w2, Tensor b2, int group_size, int activation, float scale, float dropout, int seed_key, "
+      "Tensor w2, Tensor b2, int group_size, int activation, float scale, float dropout, Tensor seed_key, "
       "bool per_expert_input) -> (Tensor, Tensor)");
   // Returns (grad_x, grad_gates, grad_w1, grad_b1, grad_w2, grad_b2).
   m.def(
       "moe_mlp_bwd(Tensor grad_y, Tensor x, Tensor indices, Tensor gates, Tensor order, Tensor offsets, "
       "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor hidden_pre, int group_size, int activation, "
-      "float scale, float dropout, int seed_key, bool per_expert_input) -> "
+      "float scale, float dropout, Tensor seed_key, bool per_expert_input) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Fused masked HF-AdamW step over flat adapter buffers (fsosr/ops/masked_adamw.py). Mutates params, exp_avg,
   // exp_avg_sq (fp32|fp64 [P]) and, when advance_steps, steps (int64 [S, N+1]: per-segment step counts of each

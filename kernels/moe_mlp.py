@@ -47,7 +47,7 @@ import triton.language as tl
 
 from . import moe_mlp_units
 from .moe_mlp_device import _activation, _activation_grad, _dropout_multiplier, _hidden, _mma, _num_warps, \
-    _pow2_at_least_16, _upcast, dropout_arguments, launch_options, tuning
+    _pow2_at_least_16, _seed, _upcast, dropout_arguments, launch_options, tuning
 from ._launch import cdiv
 
 # Fixed configs (multi-config autotune does not run in the interpreter). tl.dot needs every dim >= 16 compiled,
@@ -99,12 +99,13 @@ def _routed_rows(start, limit, order_ptr, indices_ptr, gates_ptr, num_units, k, 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["seed_value"])   # a key divisible by 16 would compile anew
 def _forward_kernel(x_ptr, indices_ptr, gates_ptr, order_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pre_ptr, out_ptr,
-                    num_rows, num_units, k, G, d, h, d_out, num_experts, scale, dropout, keep_scale, seed_key,
-                    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, PER_EXPERT: tl.constexpr,
-                    PER_SLOT_OUT: tl.constexpr, UPCAST: tl.constexpr,
+                    num_rows, num_units, k, G, d, h, d_out, num_experts, scale, dropout, keep_scale, seed_value,
+                    seed_ptr, ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+                    PER_EXPERT: tl.constexpr, PER_SLOT_OUT: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr):
+    seed_key = _seed(seed_value, seed_ptr, SEED_FROM_PTR)
     start = tl.program_id(0).to(tl.int64) * BLOCK_M
     r, valid, expert, gate, slot_row, out_row, in_row = _routed_rows(
         start, num_rows, order_ptr, indices_ptr, gates_ptr, num_units, k, G, num_experts, PER_EXPERT, BLOCK_M)
@@ -160,15 +161,16 @@ def _sum_slots_kernel(slots_ptr, out_ptr, num_elements, k, G, width, BLOCK: tl.c
     tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_value"])   # a key divisible by 16 would compile anew
 def _backward_rows_kernel(dy_ptr, indices_ptr, gates_ptr, order_ptr, w1_ptr, w2_ptr, b2_ptr, pre_ptr,
                           dpre_ptr, hid_ptr, gate_part_ptr, dx_ptr,
                           num_rows, num_units, k, G, d, h, d_out, num_experts, scale, dropout, keep_scale,
-                          seed_key,
-                          ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, PER_EXPERT: tl.constexpr,
-                          PER_SLOT_OUT: tl.constexpr, UPCAST: tl.constexpr,
+                          seed_value, seed_ptr,
+                          ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+                          PER_EXPERT: tl.constexpr, PER_SLOT_OUT: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                           H_PAD: tl.constexpr):
+    seed_key = _seed(seed_value, seed_ptr, SEED_FROM_PTR)
     start = tl.program_id(0).to(tl.int64) * BLOCK_M
     r, valid, expert, gate, slot_row, out_row, in_row = _routed_rows(
         start, num_rows, order_ptr, indices_ptr, gates_ptr, num_units, k, G, num_experts, PER_EXPERT, BLOCK_M)
@@ -363,7 +365,7 @@ def unit_tiles(k: int, G: int, h: int, per_expert_input: bool) -> bool:
 
 
 def moe_mlp_forward(x, indices, gates, order, offsets, w1, b1, w2, b2, group_size: int, activation: int,
-                    scale: float, dropout: float, seed_key: int, per_expert_input: bool):
+                    scale: float, dropout: float, seed_key, per_expert_input: bool):
     """Returns (y [N*G, d_out] (or [N, d_out]) in x's dtype, hidden_pre [N, k, G, h] fp32)."""
     num_units, k, num_experts, d, h, d_out, G = _shapes(x, indices, w1, w2, group_size, per_expert_input)
     num_rows = num_units * k * G
@@ -377,10 +379,10 @@ def moe_mlp_forward(x, indices, gates, order, offsets, w1, b1, w2, b2, group_siz
         return y, hidden_pre
     per_slot = k > 1
     out = torch.empty((num_rows, d_out), dtype=torch.float32, device=x.device) if per_slot else y
+    drop_args, drop_flag = dropout_arguments(dropout, seed_key, indices)
     _forward_kernel[(cdiv(num_rows, BLOCK_M),)](
         x, indices, gates, order, w1, b1, w2, b2, hidden_pre, out,
-        num_rows, num_units, k, G, d, h, d_out, num_experts, float(scale),
-        *dropout_arguments(dropout, seed_key),
+        num_rows, num_units, k, G, d, h, d_out, num_experts, float(scale), *drop_args, **drop_flag,
         **_rows_options(x.dtype, d, h, d_out, activation, dropout, per_expert_input, per_slot))
     if per_slot:
         _sum_slots(out, y, k, G, d_out)
@@ -399,10 +401,10 @@ def _backward_rows_by_expert(grad_y, x, indices, gates, order, w1, w2, b2, hidde
     else:
         grad_x = torch.empty_like(x)
         dx_out = torch.empty((num_rows, d), dtype=torch.float32, device=x.device) if per_slot else grad_x
+    drop_args, drop_flag = dropout_arguments(dropout, seed_key, indices)
     _backward_rows_kernel[(cdiv(num_rows, BLOCK_M),)](
         grad_y, indices, gates, order, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part, dx_out,
-        num_rows, num_units, k, G, d, h, d_out, num_experts, float(scale),
-        *dropout_arguments(dropout, seed_key),
+        num_rows, num_units, k, G, d, h, d_out, num_experts, float(scale), *drop_args, **drop_flag,
         **_rows_options(x.dtype, d, h, d_out, activation, dropout, per_expert_input, per_slot))
     if per_slot:
         _sum_slots(dx_out, grad_x, k, G, d)
@@ -423,7 +425,7 @@ def _num_splits(num_rows, num_experts, d, h, d_out, num_blocks) -> int:
 
 
 def moe_mlp_backward(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, hidden_pre, group_size: int,
-                     activation: int, scale: float, dropout: float, seed_key: int, per_expert_input: bool):
+                     activation: int, scale: float, dropout: float, seed_key, per_expert_input: bool):
     """Returns (grad_x, grad_gates, grad_w1, grad_b1, grad_w2, grad_b2), each in its input's dtype."""
     num_units, k, num_experts, d, h, d_out, G = _shapes(x, indices, w1, w2, group_size, per_expert_input)
     num_rows = num_units * k * G

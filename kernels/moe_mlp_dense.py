@@ -11,15 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_mlp_device import _dropout_multiplier, dropout_arguments
+from .moe_mlp_device import _dropout_multiplier, _seed, dropout_arguments
 from ._launch import cdiv, next_power_of_2
 
 BLOCK_H = 512     # hidden columns per program (FSMoE: h = 1536, three programs per (expert, unit))
 
 
-@triton.jit
-def _expert_dropout_kernel(indices_ptr, out_ptr, num_units, k, hidden, dropout, keep_scale, seed_key,
-                           K_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+@triton.jit(do_not_specialize=["seed_value"])   # a key divisible by 16 would compile anew
+def _expert_dropout_kernel(indices_ptr, out_ptr, num_units, k, hidden, dropout, keep_scale, seed_value, seed_ptr,
+                           SEED_FROM_PTR: tl.constexpr, K_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+    seed_key = _seed(seed_value, seed_ptr, SEED_FROM_PTR)
     unit = tl.program_id(0).to(tl.int64)         # axis 0: up to 2^31 - 1 programs (axes 1, 2: 65535)
     expert = tl.program_id(1)
     slots = tl.arange(0, K_PAD)
@@ -34,15 +35,15 @@ def _expert_dropout_kernel(indices_ptr, out_ptr, num_units, k, hidden, dropout, 
 
 
 def expert_dropout_multipliers(indices: torch.Tensor, num_experts: int, hidden: int, dropout: float,
-                               seed_key: int) -> torch.Tensor:
+                               seed_key) -> torch.Tensor:
     """indices [B, k] (distinct per row) -> fp32 [E, B, h]: 1/fp32(1 - p) where expert e of unit b keeps hidden
     unit c, 0 where it drops it or no slot of b picked e."""
     num_units, k = indices.shape
     out = torch.empty(num_experts, num_units, hidden, dtype=torch.float32, device=indices.device)
     if out.numel() == 0:
         return out
-    threshold, keep_scale, key = dropout_arguments(dropout, seed_key)
+    drop_args, drop_flag = dropout_arguments(dropout, seed_key, indices)
     grid = (num_units, num_experts, cdiv(hidden, BLOCK_H))
-    _expert_dropout_kernel[grid](indices.contiguous(), out, num_units, k, hidden, threshold, keep_scale, key,
+    _expert_dropout_kernel[grid](indices.contiguous(), out, num_units, k, hidden, *drop_args, **drop_flag,
                                  K_PAD=next_power_of_2(max(k, 1)), BLOCK_H=BLOCK_H, num_warps=4)
     return out

@@ -112,17 +112,37 @@ def _activation_grad(pre, ACT: tl.constexpr):
     return grad
 
 
-def dropout_arguments(dropout: float, seed_key: int) -> tuple[float, float, int]:
-    """The kernels' (dropout, keep_scale, seed_key) arguments. The threshold is fp32(p), the value `uniform >= p`
-    compares with on every backend; the scale is 1/fp32(1 - p) with 1 - p taken in double, as the cpu and cuda
-    kernels have it. A kernel cannot take 1 - p itself: a compiled launch passes Python floats as fp32, and
-    1 - fp32(p) is 0.14% off at p = 0.99999 (tests/conftest.py rounds float arguments the same way under the
-    interpreter, which would otherwise keep the double)."""
+def dropout_arguments(dropout: float, seed_key, like: torch.Tensor) -> tuple[tuple, dict]:
+    """The kernels' dropout arguments: ((dropout, keep_scale, seed value, seed pointer), {SEED_FROM_PTR}).
+
+    The threshold is fp32(p), the value `uniform >= p` compares with on every backend; the scale is 1/fp32(1 - p)
+    with 1 - p taken in double, as the cpu and cuda kernels have it. A kernel cannot take 1 - p itself: a compiled
+    launch passes Python floats as fp32, and 1 - fp32(p) is 0.14% off at p = 0.99999 (tests/conftest.py rounds
+    float arguments the same way under the interpreter, which would otherwise keep the double).
+
+    seed_key: the ops' 0-d int64 key tensor (fsosr.ops._rng.seed_key_tensor), or an int. A key on the CPU for
+    tensors elsewhere travels by value (a host read of host memory, no synchronisation); a key on the kernel's
+    device is loaded by the kernel, so a CUDA graph that advances it in place draws fresh masks at every replay.
+    ``like``: a tensor on the kernel's device, passed as the unused pointer of the by-value form."""
     if dropout <= 0:
-        return 0.0, 1.0, 0
+        return (0.0, 1.0, 0, like), {"SEED_FROM_PTR": False}
     threshold = float(np.float32(dropout))
     keep_scale = float(np.float32(1.0) / np.float32(1.0 - dropout))
-    return threshold, keep_scale, int(seed_key)
+    if not isinstance(seed_key, torch.Tensor):
+        return (threshold, keep_scale, int(seed_key), like), {"SEED_FROM_PTR": False}
+    if seed_key.device.type == "cpu" and like.device.type != "cpu":
+        return (threshold, keep_scale, int(seed_key), like), {"SEED_FROM_PTR": False}
+    return (threshold, keep_scale, 0, seed_key.reshape(1)), {"SEED_FROM_PTR": True}
+
+
+@triton.jit
+def _seed(seed_value, seed_ptr, FROM_PTR: tl.constexpr):
+    """The dropout key: loaded from ``seed_ptr`` or given by value (see dropout_arguments)."""
+    if FROM_PTR:
+        key = tl.load(seed_ptr).to(tl.int64)
+    else:
+        key = seed_value.to(tl.int64)
+    return key
 
 
 @triton.jit

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .moe_mlp_device import _activation, _activation_grad, _dropout_multiplier, _hidden, _mma, _num_warps, \
-    _pow2_at_least_16, _upcast, dropout_arguments, launch_options, tuning
+    _pow2_at_least_16, _seed, _upcast, dropout_arguments, launch_options, tuning
 from ._launch import cdiv, next_power_of_2
 
 BLOCK_K = 64            # d chunk of the first GEMM / of grad_x
@@ -57,11 +57,13 @@ def _unit_columns(unit, k, h, indices_ptr, gates_ptr, KH_PAD: tl.constexpr):
     return c_ok, slot, hc, expert, gate
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_value"])   # a key divisible by 16 would compile anew
 def _unit_forward_kernel(x_ptr, indices_ptr, gates_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pre_ptr, y_ptr,
-                         G, d, h, d_out, scale, dropout, keep_scale, seed_key, K: tl.constexpr,
-                         ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, KH_PAD: tl.constexpr):
+                         G, d, h, d_out, scale, dropout, keep_scale, seed_value, seed_ptr, K: tl.constexpr,
+                         ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+                         UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                         KH_PAD: tl.constexpr):
+    seed_key = _seed(seed_value, seed_ptr, SEED_FROM_PTR)
     unit = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     t_ok = t < G
@@ -98,14 +100,15 @@ def _unit_forward_kernel(x_ptr, indices_ptr, gates_ptr, w1_ptr, b1_ptr, w2_ptr, 
                  mask=t_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_value"])   # a key divisible by 16 would compile anew
 def _unit_backward_rows_kernel(dy_ptr, indices_ptr, gates_ptr, w1_ptr, w2_ptr, b2_ptr, pre_ptr,
                                dpre_ptr, hid_ptr, gate_part_ptr, dx_ptr,
-                               G, d, h, d_out, scale, dropout, keep_scale, seed_key, K: tl.constexpr,
+                               G, d, h, d_out, scale, dropout, keep_scale, seed_value, seed_ptr, K: tl.constexpr,
                                K_PAD: tl.constexpr,
-                               ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                               KH_PAD: tl.constexpr):
+                               ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+                               UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                               BLOCK_N: tl.constexpr, KH_PAD: tl.constexpr):
+    seed_key = _seed(seed_value, seed_ptr, SEED_FROM_PTR)
     unit = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     t_ok = t < G
@@ -176,23 +179,25 @@ def _options(dtype, k, G, d, h, d_out, activation, dropout) -> dict:
 
 
 def forward(x, indices, gates, w1, b1, w2, b2, y, hidden_pre, G: int, activation: int, scale: float,
-            dropout: float, seed_key: int):
+            dropout: float, seed_key):
     """Writes y [N*G, d_out] and hidden_pre [N, k, G, h]."""
     num_units, k = indices.shape
     _, d, h = w1.shape
     d_out = w2.shape[2]
+    drop_args, drop_flag = dropout_arguments(dropout, seed_key, indices)
     _unit_forward_kernel[(num_units, cdiv(G, _block_m(G)))](
-        x, indices, gates, w1, b1, w2, b2, hidden_pre, y, G, d, h, d_out, float(scale),
-        *dropout_arguments(dropout, seed_key), **_options(x.dtype, k, G, d, h, d_out, activation, dropout))
+        x, indices, gates, w1, b1, w2, b2, hidden_pre, y, G, d, h, d_out, float(scale), *drop_args, **drop_flag,
+        **_options(x.dtype, k, G, d, h, d_out, activation, dropout))
 
 
 def backward_rows(grad_y, indices, gates, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part, grad_x, G: int,
-                  activation: int, scale: float, dropout: float, seed_key: int):
+                  activation: int, scale: float, dropout: float, seed_key):
     """Writes grad_x [N*G, d], the grad_gates partials [N, k, G] and, by slot row, dpre and the scaled hidden."""
     num_units, k = indices.shape
     _, d, h = w1.shape
     d_out = w2.shape[2]
+    drop_args, drop_flag = dropout_arguments(dropout, seed_key, indices)
     _unit_backward_rows_kernel[(num_units, cdiv(G, _block_m(G)))](
         grad_y, indices, gates, w1, w2, b2, hidden_pre, dpre, scaled_hidden, gate_part, grad_x,
-        G, d, h, d_out, float(scale), *dropout_arguments(dropout, seed_key),
-        K_PAD=next_power_of_2(k), **_options(grad_y.dtype, k, G, d, h, d_out, activation, dropout))
+        G, d, h, d_out, float(scale), *drop_args, **drop_flag, K_PAD=next_power_of_2(k),
+        **_options(grad_y.dtype, k, G, d, h, d_out, activation, dropout))

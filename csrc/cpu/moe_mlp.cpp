@@ -30,15 +30,25 @@ inline at::Tensor slot_rows(const at::Tensor& x, const Problem& p, int64_t n, in
   return p.per_expert_input ? x[e].narrow(0, n, 1) : x.narrow(0, n * p.group, p.group);
 }
 
+// The dropout key: a 0-d int64 tensor on the CPU (fsosr/ops/_rng.py seed_key_tensor makes it).
+int64_t read_seed_key(const at::Tensor& seed_key) {
+  TORCH_CHECK_VALUE(seed_key.defined() && seed_key.dim() == 0 && seed_key.scalar_type() == at::kLong,
+                    "moe_mlp: seed_key must be a 0-d int64 tensor, got ",
+                    seed_key.defined() ? seed_key.toString() + " of shape " + c10::str(seed_key.sizes()) : "none");
+  TORCH_CHECK_VALUE(seed_key.device().is_cpu(), "moe_mlp: seed_key must be on the CPU, got ", seed_key.device());
+  return seed_key.item<int64_t>();
+}
+
 Problem make_problem(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& w1, const at::Tensor& w2,
-                     int64_t group_size, int64_t activation, double scale, double dropout, int64_t seed_key,
-                     bool per_expert_input) {
+                     int64_t group_size, int64_t activation, double scale, double dropout,
+                     const at::Tensor& seed_key, bool per_expert_input) {
   TORCH_CHECK_VALUE(w1.dim() == 3 && w2.dim() == 3, "moe_mlp: w1 and w2 must be [E, ., .]");
   TORCH_CHECK_VALUE(indices.dim() == 2, "moe_mlp: indices must be [N, k]");
   TORCH_CHECK_VALUE(activation >= 0 && activation <= 3, "moe_mlp: activation code must be 0..3, got ", activation);
   TORCH_CHECK_VALUE(dropout >= 0 && dropout < 1, "moe_mlp: dropout must be in [0, 1), got ", dropout);
   Problem p{indices.size(0), indices.size(1), per_expert_input ? 1 : group_size, w1.size(1), w1.size(2),
-            w2.size(2), w1.size(0), activation, scale, dropout, uint64_t(seed_key), per_expert_input};
+            w2.size(2), w1.size(0), activation, scale, dropout, uint64_t(read_seed_key(seed_key)),
+            per_expert_input};
   TORCH_CHECK_VALUE(p.group >= 1, "moe_mlp: group_size must be >= 1");
   if (per_expert_input) {
     TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) == p.experts && x.size(1) == p.units && x.size(2) == p.d_in,
@@ -274,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd_cpu(
     const at::Tensor& x_in, const at::Tensor& indices_in, const at::Tensor& gates_in, const at::Tensor& order,
     const at::Tensor& offsets, const at::Tensor& w1_in, const at::Tensor& b1_in, const at::Tensor& w2_in,
     const at::Tensor& b2_in, int64_t group_size, int64_t activation, double scale, double dropout,
-    int64_t seed_key, bool per_expert_input) {
+    const at::Tensor& seed_key, bool per_expert_input) {
   const Problem p = make_problem(x_in, indices_in, w1_in, w2_in, group_size, activation, scale, dropout, seed_key,
                                  per_expert_input);
   BelowAutograd below_autograd;
@@ -410,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& indices_in, const at::Tensor& gates_in,
     const at::Tensor& order_in, const at::Tensor& offsets_in, const at::Tensor& w1_in, const at::Tensor& b1_in,
     const at::Tensor& w2_in, const at::Tensor& b2_in, const at::Tensor& hidden_pre_in, int64_t group_size,
-    int64_t activation, double scale, double dropout, int64_t seed_key, bool per_expert_input) {
+    int64_t activation, double scale, double dropout, const at::Tensor& seed_key, bool per_expert_input) {
   const Problem p = make_problem(x_in, indices_in, w1_in, w2_in, group_size, activation, scale, dropout, seed_key,
                                  per_expert_input);
   BelowAutograd below_autograd;

@@ -24,7 +24,8 @@ struct MoeProblem {
   int64_t d_in, hidden, d_out, experts;
   int activation;              // 0 relu, 1 gelu (erf), 2 quick_gelu, 3 identity
   double scale, dropout;
-  uint64_t seed_key;
+  uint64_t seed_key;           // the dropout key, or
+  const int64_t* seed_key_ptr; // where the kernels load it from (device memory), when not null
   bool per_expert_input;       // x is [E, N, d_in] and slot (n, j) reads x[indices[n, j], n]
   // Inputs (device). gates fp32 [N, k]; indices, order int32; offsets int32 [E+1].
   const void* x;

@@ -24,13 +24,14 @@ namespace detail {
 namespace {
 
 template <typename T, int HS>
-__global__ void __launch_bounds__(kThreads, 2) backward_rows_kernel(const MoeProblem p, const Dropout drop,
+__global__ void __launch_bounds__(kThreads, 2) backward_rows_kernel(const MoeProblem p, const Dropout drop_arg,
                                                                  const T* __restrict__ grad_y,
                                                                  const float* __restrict__ hidden_pre,
                                                                  float* __restrict__ dpre,
                                                                  float* __restrict__ gate_partial,
                                                                  T* __restrict__ grad_x,
                                                                  float* __restrict__ dx_buffer, bool direct) {
+  const Dropout drop = resolve_key(drop_arg);
   constexpr int TN = HS / 32;
   constexpr int TO = kOutCols / 32;
   __shared__ RowTable<kTileRows> rows;

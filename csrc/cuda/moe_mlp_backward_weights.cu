@@ -50,12 +50,13 @@ __device__ inline WeightTile weight_tile(const MoeProblem& p, int64_t index) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 2) weights_kernel(const MoeProblem p, const Dropout drop,
+__global__ void __launch_bounds__(kThreads, 2) weights_kernel(const MoeProblem p, const Dropout drop_arg,
                                                            const T* __restrict__ grad_y,
                                                            const float* __restrict__ hidden_pre,
                                                            const float* __restrict__ dpre,
                                                            float* __restrict__ partial1,
                                                            float* __restrict__ partial2, int splits) {
+  const Dropout drop = resolve_key(drop_arg);
   __shared__ RowTable<kWeightRows> rows;
   __shared__ float as[kWeightRows][kWeightTile];  // as[r][a]: read as[r][ty + 8 i], a warp-wide broadcast
   __shared__ float bs[kWeightRows][kWeightTile];  // bs[r][b]: read bs[r][tx + 32 j], conflict-free

@@ -67,6 +67,7 @@ struct Dropout {
   bool active;
   float threshold, keep_scale;
   uint64_t seed_key;
+  const int64_t* seed_key_ptr;  // when not null, the key is loaded from here (resolve_key) instead
 };
 
 inline Dropout make_dropout(const MoeProblem& p) {
@@ -75,6 +76,13 @@ inline Dropout make_dropout(const MoeProblem& p) {
   d.threshold = float(p.dropout);
   d.keep_scale = d.active ? 1.0f / float(1.0 - p.dropout) : 1.0f;
   d.seed_key = p.seed_key;
+  d.seed_key_ptr = p.seed_key_ptr;
+  return d;
+}
+
+// The kernels' first step: the key a device pointer holds (one load per thread, before any multiplier).
+__device__ __forceinline__ Dropout resolve_key(Dropout d) {
+  if (d.active && d.seed_key_ptr != nullptr) d.seed_key = uint64_t(*d.seed_key_ptr);
   return d;
 }
 

@@ -21,9 +21,10 @@ namespace detail {
 namespace {
 
 template <typename T, int HS>
-__global__ void __launch_bounds__(kThreads, 2) forward_kernel(const MoeProblem p, const Dropout drop,
+__global__ void __launch_bounds__(kThreads, 2) forward_kernel(const MoeProblem p, const Dropout drop_arg,
                                                            float* __restrict__ hidden_pre, T* __restrict__ y,
                                                            float* __restrict__ slot_buffer, bool direct) {
+  const Dropout drop = resolve_key(drop_arg);
   constexpr int TN = HS / 32;        // hidden columns per thread in step 1
   constexpr int TO = kOutCols / 32;  // output columns per thread in step 3
   __shared__ RowTable<kTileRows> rows;

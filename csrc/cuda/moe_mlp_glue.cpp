@@ -54,7 +54,7 @@ struct Call {
 Call make_call(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& gates, const at::Tensor& order,
                const at::Tensor& offsets, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                const at::Tensor& b2, int64_t group_size, int64_t activation, double scale, double dropout,
-               int64_t seed_key, bool per_expert_input) {
+               const at::Tensor& seed_key, bool per_expert_input) {
   TORCH_CHECK(x.defined() && x.is_cuda(), "moe_mlp (CUDA): x must be a CUDA tensor");
   const fsosr::cuda::ElementType type = element_type(x.scalar_type());
   TORCH_CHECK(w1.dim() == 3 && w2.dim() == 3, "moe_mlp (CUDA): w1 and w2 must be [E, ., .], got ", w1.sizes(),
@@ -100,11 +100,20 @@ Call make_call(const at::Tensor& x, const at::Tensor& indices, const at::Tensor&
   check_shape("gates", gates, {units, k});
   check_shape("order", order, {units * k});
   check_shape("offsets", offsets, {experts + 1});
+  // The dropout key: on the CPU it is read here (host memory, no synchronisation) and passed by value; on x's
+  // device the kernels load it, so a CUDA graph that advances it in place draws fresh masks at every replay.
+  TORCH_CHECK(seed_key.defined() && seed_key.dim() == 0 && seed_key.scalar_type() == at::kLong,
+              "moe_mlp (CUDA): seed_key must be a 0-d int64 tensor");
+  TORCH_CHECK(seed_key.device().is_cpu() || seed_key.device() == x.device(), "moe_mlp (CUDA): seed_key is on ",
+              seed_key.device(), "; it must be on the CPU or on x's device ", x.device());
+  const bool key_on_host = seed_key.device().is_cpu();
+  const uint64_t key_value = key_on_host ? uint64_t(seed_key.item<int64_t>()) : 0;
+  const int64_t* key_pointer = key_on_host ? nullptr : seed_key.data_ptr<int64_t>();
 
   Call c{x.contiguous(),  gates.contiguous(), order.contiguous(), offsets.contiguous(),
          w1.contiguous(), b1.contiguous(),    w2.contiguous(),    b2.contiguous(), {}};
   c.p = moe::MoeProblem{type, units, k, group, d_in, hidden, d_out, experts, int(activation), scale, dropout,
-                        uint64_t(seed_key), per_expert_input, c.x.data_ptr(), c.gates.data_ptr<float>(),
+                        key_value, key_pointer, per_expert_input, c.x.data_ptr(), c.gates.data_ptr<float>(),
                         c.order.data_ptr<int32_t>(), c.offsets.data_ptr<int32_t>(), c.w1.data_ptr(),
                         c.b1.data_ptr(), c.w2.data_ptr(), c.b2.data_ptr()};
   return c;
@@ -124,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd_cuda(const at::Tensor& x, const a
                                                     const at::Tensor& offsets, const at::Tensor& w1,
                                                     const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                                                     int64_t group_size, int64_t activation, double scale,
-                                                    double dropout, int64_t seed_key, bool per_expert_input) {
+                                                    double dropout, const at::Tensor& seed_key,
+                                                    bool per_expert_input) {
   const c10::cuda::CUDAGuard guard(x.device());
   Call c = make_call(x, indices, gates, order, offsets, w1, b1, w2, b2, group_size, activation, scale, dropout,
                      seed_key, per_expert_input);
@@ -143,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& indices, const at::Tensor& gates,
     const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& hidden_pre, int64_t group_size, int64_t activation,
-    double scale, double dropout, int64_t seed_key, bool per_expert_input) {
+    double scale, double dropout, const at::Tensor& seed_key, bool per_expert_input) {
   const c10::cuda::CUDAGuard guard(x.device());
   Call c = make_call(x, indices, gates, order, offsets, w1, b1, w2, b2, group_size, activation, scale, dropout,
                      seed_key, per_expert_input);

@@ -149,14 +149,16 @@ class MoEAdapter(nn.Module):
         frozen = self.frozen_experts
         return [torch.where(frozen.view(-1, *([1] * (p.dim() - 1))), p.detach(), p) for p in params]
 
-    def forward(self, h: torch.Tensor, *, task: int | None = None, seed: int | None = None,
-                noise: torch.Tensor | None = None, dropout_seed: int | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, *, task: int | None = None, seed: int | torch.Tensor | None = None,
+                noise: torch.Tensor | None = None, dropout_seed: int | torch.Tensor | None = None) -> torch.Tensor:
         """h: [L, B, width] ([B, L, width] if batch_first) -> the adapter output, same shape as h
         (= scale·Σ_j gate_j·expert_j(h), routed per sample from token 0; a permuted view when not batch_first).
 
         Args:
             task: router to use (default ``active_task``); -1 returns zeros, as does ``bypass``.
-            seed: fixes the training gate noise (and, unless ``dropout_seed`` is given, the dropout mask).
+            seed: fixes the training gate noise (and, unless ``dropout_seed`` is given, the dropout mask): an int,
+                or a 0-d integer tensor (on the GPU: advance it in place between steps, and a compiled or
+                CUDA-graph-captured step draws fresh noise and masks every call; an int is baked into a graph).
             noise: [B, E] standard-normal gate noise used as given (training, noisy routers only).
             dropout_seed: fixes the dropout mask (the op's counter-based mask, docs/ops/moe_mlp.md).
         """

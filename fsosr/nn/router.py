@@ -56,7 +56,8 @@ class TopKRouter(nn.Module):
     def noisy(self) -> bool:
         return self.noise is not None
 
-    def forward(self, x: torch.Tensor, *, seed: int | None = None, noise: torch.Tensor | None = None) -> Routing:
+    def forward(self, x: torch.Tensor, *, seed: int | torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> Routing:
         """x: [N, in_features] -> Routing of N units. ``seed``/``noise`` fix the training noise (optional)."""
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"TopKRouter: x must be [N, in_features={self.in_features}], got shape {tuple(x.shape)}")

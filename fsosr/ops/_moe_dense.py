@@ -18,7 +18,7 @@ import torch
 
 from fsosr import backends
 from fsosr.ops import _eager, reference
-from fsosr.ops._rng import _seed_key
+from fsosr.ops._rng import Seed, seed_key_tensor
 
 MAX_EXPERTS_PER_SLOT = 4   # dense when E <= 4k: at most 4x the routed FLOPs (FSMoE: 11 / 5 = 2.2x)
 
@@ -46,7 +46,7 @@ def use_dense_per_expert(num_experts: int, k: int) -> bool:
 
 @torch.library.custom_op("fsosr::expert_dropout_multipliers_triton", mutates_args=())
 def _triton_multipliers(indices: torch.Tensor, num_experts: int, hidden: int, dropout: float,
-                        seed_key: int) -> torch.Tensor:
+                        seed_key: torch.Tensor) -> torch.Tensor:
     return _triton_multipliers_impl(indices, num_experts, hidden, dropout, seed_key)
 
 
@@ -61,7 +61,7 @@ def _fake_multipliers(indices, num_experts, hidden, dropout, seed_key):
     return indices.new_empty((num_experts, indices.shape[0], hidden), dtype=torch.float32)
 
 
-def expert_dropout_multipliers(indices: torch.Tensor, num_experts: int, hidden: int, dropout: float, seed: int,
+def expert_dropout_multipliers(indices: torch.Tensor, num_experts: int, hidden: int, dropout: float, seed: Seed,
                                dtype: torch.dtype, use_triton: bool | None = None) -> torch.Tensor:
     """[E, B, h] in ``dtype``: keep/(1 - p) where expert e of unit b keeps hidden unit c under the mask of the slot
     that picked it, 0 for the experts no slot picked (their gate is 0 too). ``use_triton`` (default: for fp32
@@ -72,7 +72,7 @@ def expert_dropout_multipliers(indices: torch.Tensor, num_experts: int, hidden: 
         if dtype != torch.float32:
             raise ValueError(f"the Triton dropout multipliers are fp32, asked for {dtype}")
         run = _triton_multipliers_impl if _eager.use_eager_path() else _triton_multipliers
-        return run(indices, num_experts, hidden, float(dropout), _seed_key(seed))
+        return run(indices, num_experts, hidden, float(dropout), seed_key_tensor(seed))
     num_units, k = indices.shape
     keep = reference.dropout_keep_mask(seed, dropout, num_units, k, 1, hidden, indices.device)[:, :, 0]
     # Expert e of unit b takes the mask of the slot j that picked it; experts no slot picked keep zeros. Top-k
@@ -84,7 +84,7 @@ def expert_dropout_multipliers(indices: torch.Tensor, num_experts: int, hidden: 
 
 def moe_mlp_per_expert_input_dense(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor,
                                    b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, activation: str,
-                                   scale: float, dropout: float, seed: int) -> torch.Tensor:
+                                   scale: float, dropout: float, seed: Seed) -> torch.Tensor:
     """x [E, B, d], indices/gates [B, k] -> [B, d_out] in x's dtype. fp16/bf16 inputs are computed in fp32 (the
     GEMMs are small at this form's shapes; the routed kernels, too, keep the pre-activations in fp32, and a bf16
     pre-activation measurably worsened the gradients)."""

@@ -12,6 +12,7 @@ high bits are masked off to get logical shifts.
 from __future__ import annotations
 
 import math
+from typing import Union
 
 import torch
 
@@ -41,22 +42,62 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
+_KEY_MUL = _signed(0xD1B54A32D192ED03)
+_KEY_ADD = _signed(0x8CB92BA72F3D8DD7)
+
+
 def _seed_key(seed: int) -> int:
     """A 64-bit key mixed into every counter, computed with Python ints (no tensor -> int conversion, so
     nothing here breaks a compiled graph)."""
-    return _signed((seed & _U64) * 0xD1B54A32D192ED03 + 0x8CB92BA72F3D8DD7)
+    return _signed((seed & _U64) * _KEY_MUL + _KEY_ADD)
 
 
-def normal_from_seed(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu",
+Seed = Union[int, torch.SymInt, torch.Tensor]
+
+
+def is_seed(seed) -> bool:
+    """An int, or a 0-d integer tensor (not bool): the seeds the ops take."""
+    if isinstance(seed, torch.Tensor):
+        return seed.dim() == 0 and not seed.is_floating_point() and not seed.is_complex() and seed.dtype != torch.bool
+    return isinstance(seed, (int, torch.SymInt)) and not isinstance(seed, bool)
+
+
+def seed_key_tensor(seed: Seed) -> torch.Tensor:
+    """The key of :func:`_seed_key` as a 0-d int64 tensor: what the native ops take.
+
+    - an int: computed with Python ints, in a new CPU tensor (the kernels read it on the host: no transfer);
+    - a 0-d integer tensor: ``seed * MUL + ADD`` in int64 tensor arithmetic, which wraps modulo 2**64 and so
+      gives the same bits as the int form, on the seed's device. A seed tensor on the GPU keeps the key there: a
+      CUDA graph that advances the seed in place draws fresh masks at every replay (an int is baked in at capture);
+    - an int inside torch.compile: with tensor arithmetic too, since dynamo turns an int that changes between
+      calls into a symbolic one, on which Python's 64-bit arithmetic would be traced into index expressions that
+      Inductor cannot print (the seed must then fit int64).
+    """
+    if isinstance(seed, torch.Tensor):
+        return seed.to(torch.int64) * _KEY_MUL + _KEY_ADD
+    if isinstance(seed, torch.SymInt) or torch.compiler.is_compiling():
+        return torch.scalar_tensor(seed, dtype=torch.int64) * _KEY_MUL + _KEY_ADD
+    return torch.tensor(_seed_key(seed), dtype=torch.int64)
+
+
+def _key_like(seed: Seed, device: torch.device) -> int | torch.Tensor:
+    """The key to XOR into counters on ``device``: an int for an int seed, else a 0-d tensor there."""
+    if isinstance(seed, (torch.Tensor, torch.SymInt)) or torch.compiler.is_compiling():
+        return seed_key_tensor(seed).to(device)
+    return _seed_key(seed)
+
+
+def normal_from_seed(shape: tuple[int, ...], seed: Seed, device: torch.device | str = "cpu",
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard-normal draws of ``shape``, a pure function of ``seed`` and the element index."""
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    """Standard-normal draws of ``shape``, a pure function of ``seed`` and the element index. ``seed``: an int, or
+    a 0-d integer tensor (the same draws as its value; on the GPU nothing is read back to the host)."""
+    if not is_seed(seed):
+        raise TypeError(f"seed must be an int or a 0-d integer tensor, got {_describe(seed)}")
     numel = math.prod(shape)
-    # Mix the counter with a hash of the seed computed with Python ints (no tensor -> int conversion, so nothing
-    # here breaks a compiled graph). XOR rather than +: Inductor folds arange + constant (and products of it) into
-    # exact index arithmetic that no longer wraps modulo 2**64, and fails to print the result as int64.
-    bits = _splitmix64(torch.arange(numel, dtype=torch.int64, device=device) ^ _seed_key(seed))
+    # Mix the counter with a hash of the seed (computed with Python ints for an int: no tensor -> int conversion,
+    # so nothing here breaks a compiled graph). XOR rather than +: Inductor folds arange + constant (and products
+    # of it) into exact index arithmetic that no longer wraps modulo 2**64, and fails to print the result as int64.
+    bits = _splitmix64(torch.arange(numel, dtype=torch.int64, device=device) ^ _key_like(seed, torch.device(device)))
     # Two 32-bit uniforms per element from the low and high halves of one 64-bit hash.
     u1 = ((bits & 0xFFFFFFFF).to(torch.float64) + 1.0) * (1.0 / 4294967296.0)  # (0, 1]: log is finite
     u2 = _shr(bits, 32).to(torch.float64) * (1.0 / 4294967296.0)                # [0, 1)
@@ -64,13 +105,19 @@ def normal_from_seed(shape: tuple[int, ...], seed: int, device: torch.device | s
     return z.to(dtype).reshape(shape)
 
 
-def uniform_from_seed(counters: torch.Tensor, seed: int) -> torch.Tensor:
+def uniform_from_seed(counters: torch.Tensor, seed: Seed) -> torch.Tensor:
     """Uniform draws in [0, 1) (fp32, 24 random bits) for the given int64 element counters and seed.
 
     Dropout masks are ``uniform_from_seed(counter, seed) >= p``; kernels evaluate the same integer hash of the
     same counter, so every backend draws the same mask and the backward recomputes it instead of storing it.
     """
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    bits = _splitmix64(counters.to(torch.int64) ^ _seed_key(seed))
+    if not is_seed(seed):
+        raise TypeError(f"seed must be an int or a 0-d integer tensor, got {_describe(seed)}")
+    bits = _splitmix64(counters.to(torch.int64) ^ _key_like(seed, counters.device))
     return _shr(bits, 40).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__

@@ -19,7 +19,7 @@ import torch
 
 from fsosr import _extension, backends
 from fsosr.ops import _eager, _moe_dense, reference
-from fsosr.ops._rng import _seed_key
+from fsosr.ops._rng import Seed, is_seed, seed_key_tensor
 from fsosr.ops.topk_route import Routing
 
 __all__ = ["moe_mlp", "moe_mlp_per_expert_input"]
@@ -54,16 +54,18 @@ def _fake_backward(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, hi
 def _autograd_formulas(backward_op):
     """(setup_context, backward) of the forward op, its gradients computed by ``backward_op``."""
     def setup_context(ctx, inputs, output):
-        x, indices, gates, order, offsets, w1, b1, w2, b2, *options = inputs
-        ctx.save_for_backward(x, indices, gates, order, offsets, w1, b1, w2, b2, output[1])
-        ctx.options = options  # group_size, activation, scale, dropout, seed_key, per_expert_input
+        x, indices, gates, order, offsets, w1, b1, w2, b2, group_size, activation, scale, dropout, seed_key, \
+            per_expert_input = inputs
+        ctx.save_for_backward(x, indices, gates, order, offsets, w1, b1, w2, b2, output[1], seed_key)
+        ctx.options = (group_size, activation, scale, dropout)
+        ctx.per_expert_input = per_expert_input
 
     def backward(ctx, grad_y, _grad_hidden_pre):
         if grad_y is None:   # undefined: nothing differentiated y (gradients are not materialised, _eager.py)
             return (None,) * 15
-        x, indices, gates, order, offsets, w1, b1, w2, b2, hidden_pre = ctx.saved_tensors
+        x, indices, gates, order, offsets, w1, b1, w2, b2, hidden_pre, seed_key = ctx.saved_tensors
         grads = backward_op(grad_y.contiguous(), x, indices, gates, order, offsets, w1, b1, w2, b2, hidden_pre,
-                            *ctx.options)
+                            *ctx.options, seed_key, ctx.per_expert_input)
         grad_x, grad_gates, grad_w1, grad_b1, grad_w2, grad_b2 = grads
         return (grad_x, None, grad_gates, None, None, grad_w1, grad_b1, grad_w2, grad_b2,
                 None, None, None, None, None, None)
@@ -93,7 +95,7 @@ def _triton_backward_impl(*args):
 @torch.library.custom_op("fsosr::moe_mlp_fwd_triton", mutates_args=())
 def _triton_forward(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, order: torch.Tensor,
                     offsets: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                    group_size: int, activation: int, scale: float, dropout: float, seed_key: int,
+                    group_size: int, activation: int, scale: float, dropout: float, seed_key: torch.Tensor,
                     per_expert_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _triton_forward_impl(x, indices, gates, order, offsets, w1, b1, w2, b2, group_size, activation, scale,
                                 dropout, seed_key, per_expert_input)
@@ -103,7 +105,7 @@ def _triton_forward(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
 def _triton_backward(grad_y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
                      order: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                      w2: torch.Tensor, b2: torch.Tensor, hidden_pre: torch.Tensor, group_size: int, activation: int,
-                     scale: float, dropout: float, seed_key: int, per_expert_input: bool
+                     scale: float, dropout: float, seed_key: torch.Tensor, per_expert_input: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _triton_backward_impl(grad_y, x, indices, gates, order, offsets, w1, b1, w2, b2, hidden_pre, group_size,
                                  activation, scale, dropout, seed_key, per_expert_input)
@@ -126,8 +128,12 @@ def _run_native(x, routing, w1, b1, w2, b2, group_size, activation, scale, dropo
     y, _hidden_pre = op(
         x.contiguous(), routing.indices, routing.gates, routing.order, routing.offsets, w1.contiguous(),
         b1.contiguous(), w2.contiguous(), b2.contiguous(), group_size, ACTIVATION_CODES[activation], float(scale),
-        float(dropout), _seed_key(seed), per_expert_input)
+        float(dropout), _NO_DROPOUT_KEY if dropout == 0 else seed_key_tensor(seed), per_expert_input)
     return y
+
+
+# The key the ops take when nothing is dropped (never read): one CPU tensor rather than a new one per call.
+_NO_DROPOUT_KEY = torch.tensor(0, dtype=torch.int64)
 
 
 def _check(condition: bool, message: str, error=ValueError) -> None:
@@ -158,8 +164,12 @@ def _validate_experts(x, routing, w1, b1, w2, b2, activation, scale, dropout, se
     _check(isinstance(dropout, (int, float)) and not isinstance(dropout, bool), f"dropout must be a number, got "
            f"{dropout!r}", TypeError)
     _check(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout!r}")
-    _check(seed is None or (isinstance(seed, int) and not isinstance(seed, bool)),
-           f"seed must be an int or None, got {seed!r}", TypeError)
+    if not (seed is None or is_seed(seed)):    # (formatted only here: repr of a tensor would break a trace)
+        described = (f"a {seed.dtype} tensor of shape {tuple(seed.shape)}" if isinstance(seed, torch.Tensor)
+                     else repr(seed))
+        _check(False, f"seed must be an int, a 0-d integer tensor or None, got {described}", TypeError)
+    if isinstance(seed, torch.Tensor) and not (seed.device.type == "cpu" or seed.device == x.device):
+        _check(False, f"seed is on {seed.device}; put it on the CPU or on x's device {x.device}")
 
 
 def _validate_routing(routing, n_experts: int, device: torch.device) -> None:
@@ -212,17 +222,28 @@ def _shape_limits(w1: torch.Tensor) -> dict[str, str]:
     return {}
 
 
-def _resolve_seed(seed: int | None, dropout: float) -> int:
-    """The dropout seed: as given, else drawn from torch's CPU generator (no device synchronisation; pass a
-    seed explicitly inside torch.compile)."""
+def _resolve_seed(seed: Seed | None, dropout: float, device: torch.device) -> Seed:
+    """The dropout seed: as given, else drawn from torch's CPU generator (no device synchronisation). Inside
+    torch.compile or a CUDA-graph capture a drawn seed would be fixed into the graph (every replay the same mask):
+    there it must be given."""
     if dropout == 0.0:
         return 0
+    if seed is None and torch.compiler.is_compiling():
+        # A seed drawn here would be a data-dependent int in the graph (dynamo fails on it with a message about
+        # guards on bitwise expressions); a seed fixed at trace time would repeat one dropout mask every call.
+        raise ValueError("moe_mlp: inside torch.compile, dropout > 0 needs an explicit seed= (MoEAdapter / "
+                         "LayerExpertMoE: seed= or dropout_seed=), a new one per step: an int, or a 0-d int64 "
+                         "tensor advanced in place (fresh masks in a CUDA graph's replays too)")
+    if seed is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise ValueError("moe_mlp: capturing a CUDA graph with dropout > 0 needs seed= as a 0-d int64 tensor on the "
+                         "GPU, advanced in place between replays (MoEAdapter: seed= or dropout_seed=); a seed "
+                         "drawn now would give every replay the same dropout mask")
     return seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
 
 
 def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
             b2: torch.Tensor, *, group_size: int = 1, activation: str = "relu", scale: float = 1.0,
-            dropout: float = 0.0, seed: int | None = None, backend: str | None = None) -> torch.Tensor:
+            dropout: float = 0.0, seed: Seed | None = None, backend: str | None = None) -> torch.Tensor:
     """y = scale * sum_j gates[n, j] * expert_{indices[n, j]}(x rows of unit n); see docs/ops/moe_mlp.md.
 
     Args:
@@ -231,7 +252,8 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, b1: torch.Tenso
         w1 [E, d, h], b1 [E, h], w2 [E, h, d_out], b2 [E, d_out]: stacked expert weights.
         group_size: G (197 for ViT-B/16 per-sample routing, 1 for per-token routing).
         activation: relu | gelu | quick_gelu | identity.  scale: output multiplier.
-        dropout: probability on the hidden activations (pass 0 in eval); seed: fixes the mask.
+        dropout: probability on the hidden activations (pass 0 in eval); seed: fixes the mask: an int, or a 0-d
+            integer tensor on the CPU or x's device (same mask as its value; see docs/ops/moe_mlp.md, Seeds).
     Returns: [N*G, d_out] in x's dtype.
     """
     _check(isinstance(x, torch.Tensor) and x.is_floating_point(), "x must be a floating tensor", TypeError)
@@ -245,7 +267,7 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, b1: torch.Tenso
     _moe_dense.forced_path()   # a mistyped FSOSR_MOE_MLP_PATH raises here, before the C++ kernels would ignore it
     chosen = backends.resolve("moe_mlp", backend, x.device, IMPLEMENTED, _shape_limits(w1))
     _check_dtypes(x, routing, w1, b1, w2, b2, chosen)
-    seed = _resolve_seed(seed, dropout)
+    seed = _resolve_seed(seed, dropout, x.device)
     if chosen == "reference":
         return reference.moe_mlp(x, routing.indices, routing.gates, w1, b1, w2, b2, group_size, activation,
                                  float(scale), float(dropout), seed)
@@ -254,7 +276,7 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, b1: torch.Tenso
 
 def moe_mlp_per_expert_input(x: torch.Tensor, routing: Routing, w1: torch.Tensor, b1: torch.Tensor,
                              w2: torch.Tensor, b2: torch.Tensor, *, activation: str = "relu", scale: float = 1.0,
-                             dropout: float = 0.0, seed: int | None = None,
+                             dropout: float = 0.0, seed: Seed | None = None,
                              backend: str | None = None) -> torch.Tensor:
     """FSMoE's MoE: expert e reads x[e] ([E, B, d]); routing over the B units. Returns [B, d_out]."""
     _check(isinstance(x, torch.Tensor) and x.is_floating_point(), "x must be a floating tensor", TypeError)
@@ -266,7 +288,7 @@ def moe_mlp_per_expert_input(x: torch.Tensor, routing: Routing, w1: torch.Tensor
     _moe_dense.forced_path()   # a mistyped FSOSR_MOE_MLP_PATH raises here, before the C++ kernels would ignore it
     chosen = backends.resolve("moe_mlp", backend, x.device, IMPLEMENTED, _shape_limits(w1))
     _check_dtypes(x, routing, w1, b1, w2, b2, chosen)
-    seed = _resolve_seed(seed, dropout)
+    seed = _resolve_seed(seed, dropout, x.device)
     if chosen == "reference":
         return reference.moe_mlp_per_expert_input(x, routing.indices, routing.gates, w1, b1, w2, b2, activation,
                                                   float(scale), float(dropout), seed)

@@ -211,8 +211,8 @@ def _check_finite(logits: torch.Tensor, noise_std: torch.Tensor | None) -> None:
 
 
 def topk_route(logits: torch.Tensor, k: int, *, renormalize: bool = True, noise_std=None,
-               noise: torch.Tensor | None = None, seed: int | None = None, backend: str | None = None,
-               check_finite: bool | None = None) -> Routing:
+               noise: torch.Tensor | None = None, seed: int | torch.Tensor | None = None,
+               backend: str | None = None, check_finite: bool | None = None) -> Routing:
     """Route N units to the top-k of E experts; see :class:`Routing` for the outputs.
 
     Args:
@@ -223,8 +223,9 @@ def topk_route(logits: torch.Tensor, k: int, *, renormalize: bool = True, noise_
         noise_std: None for clean routing, else the noise scale (a tensor broadcastable to [N, E] or a number),
             e.g. ``softplus(x @ W_noise) + 0.01`` in Shazeer's noisy top-k. Differentiable.
         noise: [N, E] standard-normal draws used as given (so backends can be compared exactly). When
-            ``noise_std`` is given without ``noise``: drawn from ``seed`` (identical on every device and backend)
-            or, without a seed, from torch's global generator.
+            ``noise_std`` is given without ``noise``: drawn from ``seed`` (identical on every device and backend;
+            an int or a 0-d integer tensor, the same draws as its value) or, without a seed, from torch's global
+            generator.
         backend: ``reference`` | ``cpu`` | ``cuda`` | ``triton``; default ``FSOSR_BACKEND`` or automatic.
         check_finite: reject NaN/+inf logits and bad noise_std with an error. Default: on for CPU tensors (free),
             off for CUDA tensors (it would synchronise) unless ``FSOSR_CHECK_FINITE=1``. Never inside

@@ -108,9 +108,9 @@ def test_eager_calls_skip_the_dispatcher_and_compile_traces_the_registered_ops()
 
 
 def test_triton_moe_mlp_opcheck():
-    from fsosr.ops._rng import _seed_key  # noqa: PLC0415
+    from fsosr.ops._rng import seed_key_tensor  # noqa: PLC0415
     x, logits, w1, b1, w2, b2 = moe_inputs()
     r = topk_route(logits.detach(), 2, backend="triton", check_finite=False)
     args = (x, r.indices, r.gates.detach().requires_grad_(), r.order, r.offsets, w1, b1, w2, b2, 20, 1, 0.1, 0.2,
-            _seed_key(4), False)
+            seed_key_tensor(4), False)
     torch.library.opcheck(torch.ops.fsosr.moe_mlp_fwd_triton.default, args)

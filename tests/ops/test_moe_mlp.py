@@ -334,11 +334,11 @@ def test_cpu_gradcheck_and_determinism(group_size):
 @pytest.mark.skipif("cpu" not in NATIVE, reason="cpu backend not built")
 @pytest.mark.parametrize("group_size", [1, 17])
 def test_cpu_opcheck_and_compile(group_size):
-    from fsosr.ops._rng import _seed_key  # noqa: PLC0415
+    from fsosr.ops._rng import seed_key_tensor  # noqa: PLC0415
     x, logits, w1, b1, w2, b2 = native_inputs(5, 8, 6, group_size, 4, torch.float32, seed=2)
     routing = topk_route(logits.detach().float(), 2, backend="cpu")
     args = (x, routing.indices, routing.gates.detach().requires_grad_(), routing.order, routing.offsets, w1, b1, w2,
-            b2, group_size, 0, 0.1, 0.2, _seed_key(3), False)
+            b2, group_size, 0, 0.1, 0.2, seed_key_tensor(3), False)
     torch.library.opcheck(torch.ops.fsosr.moe_mlp_fwd.default, args)
     torch._dynamo.reset()
 

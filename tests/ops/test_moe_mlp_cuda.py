@@ -12,7 +12,7 @@ import torch
 
 from fsosr import testing
 from fsosr.ops import moe_mlp, moe_mlp_per_expert_input, topk_route
-from fsosr.ops._rng import _seed_key
+from fsosr.ops._rng import seed_key_tensor
 from fsosr.ops.topk_route import Routing
 
 pytestmark = pytest.mark.gpu
@@ -142,14 +142,14 @@ def test_cuda_dropout_mask_and_hidden_pre_match_cpu(per_expert, g):
     x, _, w1, b1, w2, b2 = make_inputs(routing, e, d, h, g, n, torch.float32, per_expert=per_expert, seed=6)
     args = lambda dev: (x.detach().to(dev), routing.indices.to(dev), routing.gates.to(dev),  # noqa: E731
                         routing.order.to(dev), routing.offsets.to(dev), *(t.detach().to(dev) for t in (w1, b1, w2, b2)),
-                        g, 0, SCALE, p, _seed_key(SEED), per_expert)
+                        g, 0, SCALE, p, seed_key_tensor(SEED), per_expert)
     y_cuda, pre_cuda = torch.ops.fsosr.moe_mlp_fwd(*args(CUDA))
     y_cpu, pre_cpu = torch.ops.fsosr.moe_mlp_fwd(*args("cpu"))
     torch.testing.assert_close(pre_cuda.cpu(), pre_cpu, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y_cuda.cpu(), y_cpu, atol=1e-5, rtol=1e-5)
     again, _ = torch.ops.fsosr.moe_mlp_fwd(*args(CUDA))
     assert torch.equal(again, y_cuda)                                    # reproducible from the seed
-    other = args(CUDA)[:-2] + (_seed_key(SEED + 1), per_expert)
+    other = args(CUDA)[:-2] + (seed_key_tensor(SEED + 1), per_expert)
     assert not torch.allclose(torch.ops.fsosr.moe_mlp_fwd(*other)[0], y_cuda)  # and the seed matters
 
 
@@ -196,7 +196,7 @@ def test_cuda_opcheck(per_expert):
     routing = make_routing(torch.randn(n, e, generator=torch.Generator().manual_seed(2)), k)
     x, gates, w1, b1, w2, b2 = make_inputs(routing, e, d, h, g, n, torch.float32, per_expert=per_expert, seed=2)
     args = (x, routing.indices.to(CUDA), gates, routing.order.to(CUDA), routing.offsets.to(CUDA), w1, b1, w2, b2,
-            g, 2, SCALE, 0.2, _seed_key(3), per_expert)
+            g, 2, SCALE, 0.2, seed_key_tensor(3), per_expert)
     torch.library.opcheck(torch.ops.fsosr.moe_mlp_fwd.default, args)
 
 
@@ -207,4 +207,5 @@ def test_cuda_rejects_fp64_with_a_clear_error():
         make_fn(routing, group_size=2)(x, gates.float(), w1, b1, w2, b2, backend="cuda")
     with pytest.raises(RuntimeError, match="float64 runs on the cpu and reference backends"):
         torch.ops.fsosr.moe_mlp_fwd(x, routing.indices.to(CUDA), gates.float(), routing.order.to(CUDA),
-                                    routing.offsets.to(CUDA), w1, b1, w2, b2, 2, 0, 1.0, 0.0, 0, False)
+                                    routing.offsets.to(CUDA), w1, b1, w2, b2, 2, 0, 1.0, 0.0, torch.tensor(0),
+                                    False)

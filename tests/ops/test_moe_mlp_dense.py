@@ -78,7 +78,7 @@ def test_triton_dropout_multipliers_equal_the_torch_ones_bitwise(num_units, num_
 @needs_triton
 def test_triton_dropout_multipliers_op_checks_and_compiles():
     indices = distinct_indices(6, 7, 3, seed=1)
-    args = (indices, 7, 40, 0.25, 12345)
+    args = (indices, 7, 40, 0.25, torch.tensor(12345))
     torch.library.opcheck(torch.ops.fsosr.expert_dropout_multipliers_triton.default, args)
     eager = _moe_dense.expert_dropout_multipliers(indices, 7, 40, 0.25, 99, torch.float32)
     compiled = torch.compile(_moe_dense.expert_dropout_multipliers, fullgraph=True, backend="aot_eager")

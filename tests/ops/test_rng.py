@@ -73,9 +73,9 @@ def test_large_seeds_give_distinct_streams():
     assert not torch.equal(a, b) and not torch.equal(b, c) and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("seed", [1.5, 7.0, "7", True, None, torch.tensor(7)])
-def test_rejects_non_int_seeds(seed):
-    with pytest.raises(TypeError, match="seed must be an int"):
+@pytest.mark.parametrize("seed", [1.5, 7.0, "7", True, None, torch.tensor(7.0), torch.tensor([7]), torch.tensor(True)])
+def test_rejects_non_int_seeds(seed):   # a 0-d integer tensor is a seed (tests/ops/test_moe_mlp_seeds.py)
+    with pytest.raises(TypeError, match="seed must be an int or a 0-d integer tensor"):
         normal_from_seed((4,), seed)
 
 

@@ -87,10 +87,10 @@ def probes() -> dict:
         forward = {"x_ptr": dtype, "indices_ptr": "*i32", "gates_ptr": "*fp32", "order_ptr": "*i32", "w1_ptr": dtype,
                    "b1_ptr": dtype, "w2_ptr": dtype, "b2_ptr": dtype, "pre_ptr": "*fp32", "out_ptr": "*fp32",
                    **{n: "i32" for n in ("num_rows", "num_units", "k", "G", "d", "h", "d_out", "num_experts")},
-                   "scale": "fp32", "dropout": "fp32", "keep_scale": "fp32", "seed_key": "i64"}
+                   "scale": "fp32", "dropout": "fp32", "keep_scale": "fp32", "seed_value": "i64", "seed_ptr": "*i64"}
         for h_pad in (128, 256):
             results[f"moe_forward {dtype} h_pad={h_pad}"] = shared_bytes(km._forward_kernel, forward, {
-                "ACT": 0, "HAS_DROPOUT": True, "PER_EXPERT": False, "PER_SLOT_OUT": True,
+                "ACT": 0, "HAS_DROPOUT": True, "SEED_FROM_PTR": True, "PER_EXPERT": False, "PER_SLOT_OUT": True,
                 "UPCAST": dtype == "*fp32",          # as km._upcast decides for compiled (not interpreted) runs
                 "BLOCK_M": km.BLOCK_M, "BLOCK_K": km.BLOCK_K, "BLOCK_N": km.BLOCK_N, "H_PAD": h_pad},
                 divisible=("d", "h", "d_out"))
