@@ -185,7 +185,8 @@ class MoEAdapter(nn.Module):
         self.aux_loss = load_balancing_loss(routing, self.balance_weight) if self.balance_loss else None
         dropout = self.dropout if self.training else 0.0
         if dropout_seed is None and seed is not None:
-            dropout_seed = seed ^ _DROPOUT_SEED_SALT
+            # int64 first: the salt is wider than 32 bits, and a narrower tensor would keep its dtype and wrap
+            dropout_seed = (seed.to(torch.int64) if isinstance(seed, torch.Tensor) else seed) ^ _DROPOUT_SEED_SALT
         rows = samples.reshape(n_samples * n_tokens, self.width)                # each sample's L rows contiguous
         out = moe_mlp(rows, routing, *_autocast_to(self._expert_weights(), rows), group_size=n_tokens,
                       activation=self.activation, scale=self.scale, dropout=dropout, seed=dropout_seed,

@@ -72,7 +72,7 @@ def expert_dropout_multipliers(indices: torch.Tensor, num_experts: int, hidden: 
         if dtype != torch.float32:
             raise ValueError(f"the Triton dropout multipliers are fp32, asked for {dtype}")
         run = _triton_multipliers_impl if _eager.use_eager_path() else _triton_multipliers
-        return run(indices, num_experts, hidden, float(dropout), seed_key_tensor(seed))
+        return run(indices, num_experts, hidden, float(dropout), seed_key_tensor(seed, indices.device))
     num_units, k = indices.shape
     keep = reference.dropout_keep_mask(seed, dropout, num_units, k, 1, hidden, indices.device)[:, :, 0]
     # Expert e of unit b takes the mask of the slot j that picked it; experts no slot picked keep zeros. Top-k

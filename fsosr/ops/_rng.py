@@ -62,28 +62,34 @@ def is_seed(seed) -> bool:
     return isinstance(seed, (int, torch.SymInt)) and not isinstance(seed, bool)
 
 
-def seed_key_tensor(seed: Seed) -> torch.Tensor:
+def seed_key_tensor(seed: Seed, device: torch.device | str = "cpu") -> torch.Tensor:
     """The key of :func:`_seed_key` as a 0-d int64 tensor: what the native ops take.
 
-    - an int: computed with Python ints, in a new CPU tensor (the kernels read it on the host: no transfer);
+    - an int: computed with Python ints, in a new CPU tensor (the kernels read it on the host: no transfer, where
+      a new tensor on the GPU would be a synchronising copy);
     - a 0-d integer tensor: ``seed * MUL + ADD`` in int64 tensor arithmetic, which wraps modulo 2**64 and so
       gives the same bits as the int form, on the seed's device. A seed tensor on the GPU keeps the key there: a
       CUDA graph that advances the seed in place draws fresh masks at every replay (an int is baked in at capture);
-    - an int inside torch.compile: with tensor arithmetic too, since dynamo turns an int that changes between
-      calls into a symbolic one, on which Python's 64-bit arithmetic would be traced into index expressions that
-      Inductor cannot print (the seed must then fit int64).
+    - an int inside torch.compile: with tensor arithmetic too, on ``device``, since dynamo turns an int that
+      changes between calls into a symbolic one, on which Python's 64-bit arithmetic would be traced into index
+      expressions that Inductor cannot print (the seed must then fit int64); made on the ops' device, because a
+      CPU tensor in a graph keeps Inductor from capturing it in a CUDA graph.
     """
     if isinstance(seed, torch.Tensor):
         return seed.to(torch.int64) * _KEY_MUL + _KEY_ADD
     if isinstance(seed, torch.SymInt) or torch.compiler.is_compiling():
-        return torch.scalar_tensor(seed, dtype=torch.int64) * _KEY_MUL + _KEY_ADD
+        return torch.scalar_tensor(seed, dtype=torch.int64, device=device) * _KEY_MUL + _KEY_ADD
     return torch.tensor(_seed_key(seed), dtype=torch.int64)
 
 
 def _key_like(seed: Seed, device: torch.device) -> int | torch.Tensor:
-    """The key to XOR into counters on ``device``: an int for an int seed, else a 0-d tensor there."""
-    if isinstance(seed, (torch.Tensor, torch.SymInt)) or torch.compiler.is_compiling():
+    """The key to XOR into counters on ``device``: an int, or a 0-d tensor there."""
+    if isinstance(seed, torch.Tensor):
+        if seed.device.type == "cpu" and device.type != "cpu" and not torch.compiler.is_compiling():
+            return _seed_key(int(seed))     # a host read of host memory; a copy to the device would synchronise
         return seed_key_tensor(seed).to(device)
+    if isinstance(seed, torch.SymInt) or torch.compiler.is_compiling():
+        return seed_key_tensor(seed, device)
     return _seed_key(seed)
 
 

@@ -128,12 +128,21 @@ def _run_native(x, routing, w1, b1, w2, b2, group_size, activation, scale, dropo
     y, _hidden_pre = op(
         x.contiguous(), routing.indices, routing.gates, routing.order, routing.offsets, w1.contiguous(),
         b1.contiguous(), w2.contiguous(), b2.contiguous(), group_size, ACTIVATION_CODES[activation], float(scale),
-        float(dropout), _NO_DROPOUT_KEY if dropout == 0 else seed_key_tensor(seed), per_expert_input)
+        float(dropout), _op_key(seed, dropout, x.device), per_expert_input)
     return y
 
 
 # The key the ops take when nothing is dropped (never read): one CPU tensor rather than a new one per call.
 _NO_DROPOUT_KEY = torch.tensor(0, dtype=torch.int64)
+
+
+def _op_key(seed: Seed, dropout: float, device: torch.device) -> torch.Tensor:
+    """The native ops' 0-d int64 key tensor: a tensor seed's key on the seed's device (read by value from the CPU,
+    loaded by the kernels on the GPU); an int's on the CPU in eager calls (no transfer) and on ``device`` inside
+    torch.compile (a CPU tensor in the graph would keep Inductor from capturing it in a CUDA graph)."""
+    if dropout == 0 and not torch.compiler.is_compiling():
+        return _NO_DROPOUT_KEY
+    return seed_key_tensor(seed, device)
 
 
 def _check(condition: bool, message: str, error=ValueError) -> None:
@@ -231,9 +240,9 @@ def _resolve_seed(seed: Seed | None, dropout: float, device: torch.device) -> Se
     if seed is None and torch.compiler.is_compiling():
         # A seed drawn here would be a data-dependent int in the graph (dynamo fails on it with a message about
         # guards on bitwise expressions); a seed fixed at trace time would repeat one dropout mask every call.
-        raise ValueError("moe_mlp: inside torch.compile, dropout > 0 needs an explicit seed= (MoEAdapter / "
-                         "LayerExpertMoE: seed= or dropout_seed=), a new one per step: an int, or a 0-d int64 "
-                         "tensor advanced in place (fresh masks in a CUDA graph's replays too)")
+        raise ValueError("moe_mlp: inside torch.compile, dropout > 0 needs an explicit seed= (MoEAdapter: seed= "
+                         "or dropout_seed=), a new one per step: an int, or a 0-d int64 tensor on x's device "
+                         "advanced in place (fresh masks in a CUDA graph's replays too)")
     if seed is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise ValueError("moe_mlp: capturing a CUDA graph with dropout > 0 needs seed= as a 0-d int64 tensor on the "
                          "GPU, advanced in place between replays (MoEAdapter: seed= or dropout_seed=); a seed "

@@ -132,16 +132,33 @@ def test_compiled_step_takes_a_new_seed_every_call():
         torch.compile(lambda x: step(x, None), fullgraph=True)(x)
 
 
+def random_adapter(backend: str, device="cpu") -> MoEAdapter:
+    """A training-mode MoEAdapter with every parameter random (LoRA init zeroes the up projection, and an output
+    of zeros would make every comparison below pass)."""
+    torch.manual_seed(0)
+    layer = MoEAdapter(16, num_experts=6, k=2, bottleneck=8, num_routers=1, backend=backend).to(device).train()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.5)
+    return layer
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="cpu backend not built")
 def test_moe_adapter_tensor_seed_and_compiled_training_forward():
-    torch.manual_seed(0)
-    layer = MoEAdapter(16, num_experts=6, k=2, bottleneck=8, num_routers=1, backend="cpu").train()
+    layer = random_adapter("cpu")
     h = torch.randn(5, 3, 16)
-    assert torch.equal(layer(h, seed=torch.tensor(8)), layer(h, seed=8))   # noise and dropout from one seed
+    by_int = layer(h, seed=8)
+    assert by_int.abs().max() > 0 and not torch.equal(layer(h, seed=9), by_int)
+    for dtype in (torch.int64, torch.int32, torch.int16):       # noise and dropout from one seed, any integer dtype
+        assert torch.equal(layer(h, seed=torch.tensor(8, dtype=dtype)), by_int)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True)
     for seed in (3, 4, 5):
         assert torch.equal(compiled(h, seed=seed), layer(h, seed=seed))
+    seed = torch.tensor(20)
+    for _ in range(2):
+        seed += 1
+        assert torch.equal(compiled(h, seed=seed), layer(h, seed=int(seed)))
 
 
 @pytest.mark.gpu
@@ -186,3 +203,13 @@ def test_gpu_capture_without_a_seed_is_refused():
     x, weights = x.detach(), [w.detach() for w in weights]
     with pytest.raises(ValueError, match="capturing a CUDA graph with dropout > 0 needs seed="):
         testing.capture_cuda_graph(lambda: moe_mlp(x, routing, *weights, group_size=5, dropout=0.3))
+
+
+@pytest.mark.gpu
+def test_gpu_moe_adapter_takes_a_host_or_device_seed_tensor():
+    cuda = torch.device("cuda")
+    layer = random_adapter("triton", cuda)
+    h = torch.randn(5, 3, 16, device=cuda)
+    by_int = layer(h, seed=8)
+    for seed in (torch.tensor(8), torch.tensor(8, device=cuda), torch.tensor(8, dtype=torch.int32, device=cuda)):
+        assert torch.equal(layer(h, seed=seed), by_int)
