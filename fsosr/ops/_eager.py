@@ -4,9 +4,9 @@
 Why: a ``torch.library.custom_op`` with ``register_autograd`` costs host time on every call (dispatcher, the
 autograd kernel's Python wrapper, ``fill_defaults`` re-reading the schema, a redispatch below autograd).
 ``benchmarks/test_host_overhead.py`` measures both routes with every Triton launch stubbed out: on this project's
-2-core CPU an MoE layer's topk_route + moe_mlp forward + backward took 615 µs of host time through the registered
-ops and 410 µs eager (2026-11-23); on the H100 host of 2026-11-22 the op's autograd wrapper alone took 390-470 µs
-per call (benchmarks/results/*kernel-profile.txt).
+2-core CPU an MoE layer's topk_route + moe_mlp forward + backward took 580 µs of host time through the registered
+ops and 405 µs eager (benchmarks/results/2026-11-23-cpu-2cores-host-overhead.json); on the H100 host of
+2026-11-22 the op's autograd wrapper alone took 390-470 µs per call (benchmarks/results/*kernel-profile.txt).
 
 The registered op stays the one torch.compile traces (``torch.compiler.is_compiling()`` picks it) and the one
 ``opcheck`` checks; both routes run the same launchers, so they give bitwise-equal results (tested).
