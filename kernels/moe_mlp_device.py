@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import next_power_of_2
+from ._launch import next_power_of_2, scalar_argument
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -128,11 +128,8 @@ def dropout_arguments(dropout: float, seed_key, like: torch.Tensor) -> tuple[tup
         return (0.0, 1.0, 0, like), {"SEED_FROM_PTR": False}
     threshold = float(np.float32(dropout))
     keep_scale = float(np.float32(1.0) / np.float32(1.0 - dropout))
-    if not isinstance(seed_key, torch.Tensor):
-        return (threshold, keep_scale, int(seed_key), like), {"SEED_FROM_PTR": False}
-    if seed_key.device.type == "cpu" and like.device.type != "cpu":
-        return (threshold, keep_scale, int(seed_key), like), {"SEED_FROM_PTR": False}
-    return (threshold, keep_scale, 0, seed_key.reshape(1)), {"SEED_FROM_PTR": True}
+    pointer, value, from_pointer = scalar_argument(seed_key, like)
+    return (threshold, keep_scale, value, pointer), {"SEED_FROM_PTR": from_pointer}
 
 
 @triton.jit

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv
+from ._launch import cdiv, scalar_argument
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FP32_PRECISION = tl.constexpr("ieee" if _INTERPRET else "tf32x3")
@@ -179,14 +179,6 @@ def _merge_kernel(own_ptr, rest_ptr, owner_ptr, coef_ptr, num_experts, out_ptr, 
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers (contiguous inputs; shapes already validated by fsosr.ops.sparse_adapter)
 # ---------------------------------------------------------------------------------------------------------------
-def _expert_args(expert: torch.Tensor, device: torch.device):
-    """(pointer tensor, integer value, FROM_PTR): a CPU id for GPU weights travels by value (a host read of a
-    host tensor, no synchronisation); otherwise the kernel loads it."""
-    if expert.device.type == "cpu" and device.type != "cpu":
-        return torch.empty(1, dtype=torch.int64, device=device), int(expert), False
-    return expert.to(torch.int64).reshape(1), 0, True
-
-
 def _upcast(dtype) -> bool:
     return _INTERPRET or dtype == torch.float32
 
@@ -195,7 +187,7 @@ def sparse_adapter_weight(w_own, owner, w_rest, expert):
     out = torch.empty_like(w_own, memory_format=torch.contiguous_format)
     n = w_own.numel()
     if n:
-        ptr, value, from_ptr = _expert_args(expert, w_own.device)
+        ptr, value, from_ptr = scalar_argument(expert, owner)
         _select_kernel[(cdiv(n, SELECT_BLOCK),)](
             w_own, w_rest if w_rest is not None else w_own, owner, ptr, value, out, n,
             HAS_REST=w_rest is not None, FROM_PTR=from_ptr, BLOCK=SELECT_BLOCK, num_warps=4)
@@ -207,7 +199,7 @@ def sparse_adapter_weight_backward(grad, owner, expert, rest_grad: bool):
     rest = torch.empty_like(grad) if rest_grad else grad.new_empty(0)
     n = grad.numel()
     if n:
-        ptr, value, from_ptr = _expert_args(expert, grad.device)
+        ptr, value, from_ptr = scalar_argument(expert, owner)
         _split_kernel[(cdiv(n, SELECT_BLOCK),)](
             grad, owner, ptr, value, own, rest if rest_grad else own, n,
             REST_OUT=rest_grad, FROM_PTR=from_ptr, BLOCK=SELECT_BLOCK, num_warps=4)
@@ -225,7 +217,7 @@ def _selected_matmul(a, w_own, w_rest, owner, expert, bias, transpose_w: bool):
     if K == 0:
         return c.copy_(bias.expand(M, N)) if bias is not None else c.zero_()
     stride_wk, stride_wn = (1, in_features) if transpose_w else (in_features, 1)
-    ptr, value, from_ptr = _expert_args(expert, a.device)
+    ptr, value, from_ptr = scalar_argument(expert, owner)
     _linear_kernel[(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))](
         a, w_own, w_rest if w_rest is not None else w_own, owner, ptr, value, bias if bias is not None else a, c,
         M, N, K, stride_wk, stride_wn,
@@ -268,7 +260,7 @@ def sparse_linear_backward(grad_y, x, w_own, w_rest, owner, expert, x_grad: bool
     shape = (splits, out_features, in_features)
     own = torch.empty(shape, dtype=torch.float32 if splits > 1 else dtype, device=device)
     rest = torch.empty(shape, dtype=own.dtype, device=device) if rest_grad else own
-    ptr, value, from_ptr = _expert_args(expert, device)
+    ptr, value, from_ptr = scalar_argument(expert, owner)
     _weight_grad_kernel[(cdiv(out_features, BLOCK_O), cdiv(in_features, BLOCK_I), splits)](
         grad_y, x, owner, ptr, value, own, rest, M, out_features, in_features, rows_per_split,
         REST_OUT=rest_grad, FROM_PTR=from_ptr, UPCAST=_upcast(dtype),

@@ -98,7 +98,7 @@ def normal_from_seed(shape: tuple[int, ...], seed: Seed, device: torch.device | 
     """Standard-normal draws of ``shape``, a pure function of ``seed`` and the element index. ``seed``: an int, or
     a 0-d integer tensor (the same draws as its value; on the GPU nothing is read back to the host)."""
     if not is_seed(seed):
-        raise TypeError(f"seed must be an int or a 0-d integer tensor, got {_describe(seed)}")
+        raise TypeError(f"seed must be an int or a 0-d integer tensor, got {describe(seed)}")
     numel = math.prod(shape)
     # Mix the counter with a hash of the seed (computed with Python ints for an int: no tensor -> int conversion,
     # so nothing here breaks a compiled graph). XOR rather than +: Inductor folds arange + constant (and products
@@ -118,12 +118,14 @@ def uniform_from_seed(counters: torch.Tensor, seed: Seed) -> torch.Tensor:
     same counter, so every backend draws the same mask and the backward recomputes it instead of storing it.
     """
     if not is_seed(seed):
-        raise TypeError(f"seed must be an int or a 0-d integer tensor, got {_describe(seed)}")
+        raise TypeError(f"seed must be an int or a 0-d integer tensor, got {describe(seed)}")
     bits = _splitmix64(counters.to(torch.int64) ^ _key_like(seed, counters.device))
     return _shr(bits, 40).to(torch.float32) * (1.0 / 16777216.0)
 
 
-def _describe(value) -> str:
+def describe(value) -> str:
+    """A bad seed for an error message: a tensor by dtype and shape (its repr would break a torch.compile trace),
+    anything else by repr."""
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
+    return repr(value)

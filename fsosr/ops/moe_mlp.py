@@ -19,7 +19,7 @@ import torch
 
 from fsosr import _extension, backends
 from fsosr.ops import _eager, _moe_dense, reference
-from fsosr.ops._rng import Seed, is_seed, seed_key_tensor
+from fsosr.ops._rng import Seed, describe, is_seed, seed_key_tensor
 from fsosr.ops.topk_route import Routing
 
 __all__ = ["moe_mlp", "moe_mlp_per_expert_input"]
@@ -174,9 +174,7 @@ def _validate_experts(x, routing, w1, b1, w2, b2, activation, scale, dropout, se
            f"{dropout!r}", TypeError)
     _check(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout!r}")
     if not (seed is None or is_seed(seed)):    # (formatted only here: repr of a tensor would break a trace)
-        described = (f"a {seed.dtype} tensor of shape {tuple(seed.shape)}" if isinstance(seed, torch.Tensor)
-                     else repr(seed))
-        _check(False, f"seed must be an int, a 0-d integer tensor or None, got {described}", TypeError)
+        _check(False, f"seed must be an int, a 0-d integer tensor or None, got {describe(seed)}", TypeError)
     if isinstance(seed, torch.Tensor) and not (seed.device.type == "cpu" or seed.device == x.device):
         _check(False, f"seed is on {seed.device}; put it on the CPU or on x's device {x.device}")
 
