@@ -71,17 +71,18 @@ def measure(benchmark, fn, *, group: str, provider: str, baseline: str, info: di
     speed-up over the baseline; on a GPU also fn's device time (``device_time``).
     rounds: timed calls (default FSOSR_BENCH_ROUNDS, 20; at least 5). host_only: fn runs no GPU work (no flush,
     no synchronisation, no device time)."""
+    gpu = DEVICE.type == "cuda" and not host_only      # GPU work to wait for, flush the L2 before and time
+
     def timed():
         out = fn()
-        if not host_only:
+        if gpu:
             synchronize()
         return out
 
     for _ in range(3):
         timed()
-    if not host_only:
+    if gpu:
         flush_l2()  # allocates the flush buffer before the peak is reset: it is not the step's memory
-    if DEVICE.type == "cuda" and not host_only:
         torch.cuda.reset_peak_memory_stats()
         allocated_before = torch.cuda.memory_allocated()   # inputs, the flush buffer, leftovers of earlier tests
     benchmark.group = group
@@ -89,14 +90,14 @@ def measure(benchmark, fn, *, group: str, provider: str, baseline: str, info: di
                                 device_name=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
                                 threads=torch.get_num_threads(), torch=torch.__version__)
     rounds = max(5, rounds if rounds is not None else int(os.environ.get("FSOSR_BENCH_ROUNDS", "20")))
-    benchmark.pedantic(timed, setup=None if host_only else flush_l2, rounds=rounds, warmup_rounds=1)
-    if DEVICE.type == "cuda" and not host_only:
+    benchmark.pedantic(timed, setup=flush_l2 if gpu else None, rounds=rounds, warmup_rounds=1)
+    if gpu:
         # Extra peak of the step over what was allocated before it (the README's "extra peak memory"); this was
         # the whole peak minus the flush buffer until 2026-11-23, i.e. inputs and leftovers included.
         benchmark.extra_info["peak_memory_mib"] = (torch.cuda.max_memory_allocated() - allocated_before) / 2**20
     if benchmark.stats is None:  # --benchmark-disable: each callable ran once as a smoke test, nothing was timed
         return
-    if DEVICE.type == "cuda" and not host_only:
+    if gpu:
         benchmark.extra_info["device_time_median_s"] = device_time(fn, rounds)
     median = benchmark.stats.stats.median
     if provider == baseline:
