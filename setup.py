@@ -68,13 +68,37 @@ def find_cuda_toolkit() -> tuple[str | None, str]:
     return None, f"could not locate the toolkit behind {nvcc}"
 
 
-def want_cuda() -> tuple[bool, str | None]:
+def toolkit_mismatch(folder: str, torch_cuda: str, torch_version: str) -> str | None:
+    """Why torch's extension builder would refuse the toolkit at ``folder``, or None.
+
+    torch refuses a toolkit whose CUDA major version differs from the one it was built with (its
+    `_check_cuda_version`), deep inside the build; we say so up front, so that the default build can go on
+    without CUDA kernels instead of failing (torch 2.7+cu126 beside a CUDA 13 nvcc, say).
+    """
+    try:
+        out = subprocess.run([os.path.join(folder, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"could not run {folder}/bin/nvcc --version ({exc})"
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    if match is None:
+        return None             # an unknown format: let torch's own check decide
+    if match.group(1) != torch_cuda.split(".")[0]:
+        return (f"the CUDA toolkit at {folder} is CUDA {match.group(1)}.{match.group(2)} while torch {torch_version} "
+                f"was built with CUDA {torch_cuda}; torch builds extensions only with a toolkit of the same major "
+                f"version (set CUDA_HOME to a CUDA {torch_cuda.split('.')[0]}.x toolkit, or install a torch built "
+                f"for CUDA {match.group(1)})")
+    return None
+
+
+def want_cuda() -> tuple[bool, str | None, str | None]:
+    """(build the CUDA kernels?, the toolkit folder, why not when not)."""
     forced = os.environ.get("FSOSR_CUDA")
     if forced not in (None, "", "0", "1"):
         sys.exit(f"FSOSR_CUDA must be 0 or 1, got {forced!r}")
     if forced == "0":
         print("fsosr: CUDA kernels disabled by FSOSR_CUDA=0")
-        return False, None
+        return False, None, "FSOSR_CUDA=0"
     folder, how = find_cuda_toolkit()
     import torch  # noqa: PLC0415 - needed only to read how torch itself was built
 
@@ -83,16 +107,18 @@ def want_cuda() -> tuple[bool, str | None]:
         problem = f"no CUDA toolkit ({how})"
     elif torch.version.cuda is None:
         problem = f"torch {torch.__version__} is a CPU-only build (its CUDA headers are missing)"
+    else:
+        problem = toolkit_mismatch(folder, torch.version.cuda, torch.__version__)
     if problem:
         if forced == "1":
             sys.exit(f"fsosr: FSOSR_CUDA=1 but {problem}")
         print(f"fsosr: building without CUDA kernels: {problem}")
-        return False, None
+        return False, None, problem
     print(f"fsosr: building CUDA kernels with the toolkit at {folder} ({how})")
-    return True, folder
+    return True, folder, None
 
 
-def write_build_info(use_cuda: bool, toolkit: str | None) -> None:
+def write_build_info(use_cuda: bool, toolkit: str | None, without_cuda: str | None) -> None:
     """fsosr/_build_info.py: what this build was made with, for `python -m fsosr.info` (not version-controlled)."""
     import torch  # noqa: PLC0415
 
@@ -101,6 +127,7 @@ def write_build_info(use_cuda: bool, toolkit: str | None) -> None:
         "cuda_kernels": use_cuda,
         "cuda_toolkit": toolkit,
         "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if use_cuda else None,
+        "without_cuda": without_cuda,    # why the CUDA kernels were not built (for `python -m fsosr.info`)
     }
     with open(os.path.join(ROOT, "fsosr", "_build_info.py"), "w") as f:
         f.write('"""Written by setup.py at build time."""\n')
@@ -108,14 +135,14 @@ def write_build_info(use_cuda: bool, toolkit: str | None) -> None:
 
 
 def extension_modules():
-    use_cuda, toolkit = want_cuda()
+    use_cuda, toolkit, without_cuda = want_cuda()
     if use_cuda:
         # torch.utils.cpp_extension reads CUDA_HOME once, when it is imported: set it first.
         os.environ["CUDA_HOME"] = toolkit
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     from torch.utils.cpp_extension import CppExtension, CUDAExtension  # noqa: PLC0415
 
-    write_build_info(use_cuda, toolkit)
+    write_build_info(use_cuda, toolkit, without_cuda)
 
     os.environ.setdefault("MAX_JOBS", "2")
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
@@ -186,10 +213,11 @@ def _has_ninja_module() -> bool:
     return True
 
 
-setup(
-    # The Triton kernels live in kernels/ and install as fsosr._triton (a PyPI package named `kernels` exists).
-    packages=find_packages(include=["fsosr", "fsosr.*"]) + ["fsosr._triton"],
-    package_dir={"fsosr._triton": "kernels"},
-    ext_modules=extension_modules(),
-    cmdclass={"build_ext": build_ext_class()},
-)
+if __name__ == "__main__":   # pip's build backend runs this file as __main__; tests import its functions
+    setup(
+        # The Triton kernels live in kernels/ and install as fsosr._triton (a PyPI package named `kernels` exists).
+        packages=find_packages(include=["fsosr", "fsosr.*"]) + ["fsosr._triton"],
+        package_dir={"fsosr._triton": "kernels"},
+        ext_modules=extension_modules(),
+        cmdclass={"build_ext": build_ext_class()},
+    )

@@ -45,3 +45,8 @@ LOADED = _C is not None
 WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0))
 # Vector code the CPU kernels use here: avx512 | avx2 | generic (FSOSR_CPU_GENERIC=1 at import forces generic).
 CPU_VECTOR_ISA = getattr(_C, "CPU_VECTOR_ISA", None)
+
+
+def without_cuda_reason() -> str:
+    """Why this build has no CUDA kernels, as setup.py recorded it (older builds did not record it)."""
+    return BUILD_INFO.get("without_cuda") or "no CUDA toolkit at build time, or FSOSR_CUDA=0"

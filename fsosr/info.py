@@ -62,7 +62,7 @@ def render(facts: dict) -> str:
     if ext["loaded"]:
         build = ext["build"] or {}
         cuda = (f"with CUDA kernels (toolkit {build.get('cuda_toolkit')}, archs {build.get('cuda_arch_list')})"
-                if ext["cuda_kernels"] else "CPU kernels only (no CUDA toolkit at build time, or FSOSR_CUDA=0)")
+                if ext["cuda_kernels"] else f"CPU kernels only ({_extension.without_cuda_reason()})")
         lines.append(f"fsosr._C built against torch {build.get('torch', '?')}: {cuda}; CPU kernels use "
                      f"{ext.get('cpu_vector_isa') or '?'} vector code")
     else:
