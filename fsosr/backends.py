@@ -49,6 +49,42 @@ def triton_import_error() -> str | None:
     return _triton_import_error[0]
 
 
+def triton_interpreter_problem() -> str | None:
+    """None when Triton's interpreter can run our kernels with the NumPy installed here, else the reason.
+
+    Triton before 3.7 turns a run-time scalar into a Python int (``range(0, k)`` over a kernel argument) with
+    ``int()`` of a one-element array, which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to
+    Python scalars"; triton-lang/triton#9171). Checked: Triton 3.3.1 and 3.6.0 fail with NumPy 2.4.6, 3.7.0 and
+    3.8.0 squeeze first. Compiled kernels on a GPU are not affected.
+    """
+    if triton_import_error():
+        return None
+    import numpy  # noqa: PLC0415
+    import triton  # noqa: PLC0415
+
+    # Plain string and int work: ops call this while torch.compile traces them (a regex there would make dynamo
+    # guard on the re module's cache, which torch 2.7 then fails).
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run with NumPy {numpy.__version__} (it converts "
+                "one-element arrays to ints, which NumPy >= 2.4 refuses; triton-lang/triton#9171): install "
+                "'numpy<2.4' or Triton >= 3.7")
+    return None
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as '3.6.0', '2.4rc1' or '3.8.0+git1a2b'."""
+    def leading_int(text: str) -> int:
+        digits = ""
+        for c in text:
+            if not c.isdigit():
+                break
+            digits += c
+        return int(digits or 0)
+
+    parts = version.split(".") + ["0"]
+    return leading_int(parts[0]), leading_int(parts[1])
+
+
 def why_unavailable(backend: str, device: torch.device) -> str | None:
     """None when ``backend`` can run on tensors of ``device`` here, else a sentence saying why not."""
     if backend == "reference":
@@ -63,7 +99,7 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
         if not _extension.LOADED:
             return f"fsosr._C is not available: {_extension.LOAD_ERROR}"
         if not _extension.WITH_CUDA:
-            return "fsosr._C was built without CUDA kernels (no CUDA toolkit at build time, or FSOSR_CUDA=0)"
+            return f"fsosr._C was built without CUDA kernels ({_extension.without_cuda_reason()})"
         return None if torch.cuda.is_available() else _NO_GPU
     if backend == "triton":
         error = triton_import_error()
@@ -72,7 +108,7 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
         if device.type == "cuda":
             return None if torch.cuda.is_available() else _NO_GPU
         if device.type == "cpu" and triton_interpreting():
-            return None
+            return triton_interpreter_problem()
         if device.type == "cpu":
             return "Triton runs on CPU tensors only through its interpreter: set TRITON_INTERPRET=1"
         return f"Triton does not run on {device.type} tensors"

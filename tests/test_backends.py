@@ -180,3 +180,44 @@ def test_a_shape_limit_steers_the_automatic_choice_and_refuses_an_explicit_one(m
     usable.discard("cuda")
     monkeypatch.delenv("FSOSR_BACKEND")
     assert backends.resolve("moe_mlp", None, cuda, unsupported=limits) == "reference"
+
+
+@pytest.mark.parametrize(("triton_version", "numpy_version", "refused"), [
+    ("3.6.0", "2.4.6", True), ("3.3.1", "2.5.0rc1", True), ("3.6.1+git1a2b", "2.4rc1", True),
+    ("3.6.0", "2.3.5", False), ("3.6.0", "2.3rc14", False), ("3.7.0", "2.4.6", False),
+    ("3.8.0", "3.0.0", False), ("4.0.0", "2.4.0", False)])
+def test_triton_interpreter_numpy_incompatibility(monkeypatch, triton_version, numpy_version, refused):
+    # Triton < 3.7's interpreter does int() of one-element arrays, which NumPy >= 2.4 refuses: every kernel with a
+    # run-time loop bound fails there with a NumPy TypeError, so the backend says why instead.
+    if backends.triton_import_error() is not None:
+        pytest.skip(backends.triton_import_error())
+    import numpy  # noqa: PLC0415
+    import triton  # noqa: PLC0415
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    reason = backends.why_unavailable("triton", CPU)
+    if refused:
+        assert reason is not None and f"Triton {triton_version}" in reason and "numpy<2.4" in reason
+        with pytest.raises(BackendUnavailable, match=r"triton-lang/triton#9171"):
+            backends.resolve("myop", "triton", CPU)
+    else:
+        assert reason is None
+        assert backends.resolve("myop", "triton", CPU) == "triton"
+    # Without the interpreter the CPU reason is the usual one (compiled kernels are not affected).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in backends.why_unavailable("triton", CPU)
+
+
+def test_cuda_backend_says_why_the_build_has_no_cuda_kernels(monkeypatch):
+    # setup.py records why it built without CUDA kernels (here: a toolkit of another CUDA major version).
+    if not _extension.LOADED:
+        pytest.skip(_extension.LOAD_ERROR)
+    monkeypatch.setattr(_extension, "WITH_CUDA", False)
+    monkeypatch.setattr(_extension, "BUILD_INFO", {"without_cuda": "the CUDA toolkit at /x is CUDA 13.0 while torch"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backends.why_unavailable("cuda", torch.device("cuda")) == (
+        "fsosr._C was built without CUDA kernels (the CUDA toolkit at /x is CUDA 13.0 while torch)")
+    monkeypatch.setattr(_extension, "BUILD_INFO", {})      # a build from before the reason was recorded
+    assert "(no CUDA toolkit at build time, or FSOSR_CUDA=0)" in backends.why_unavailable("cuda", torch.device("cuda"))
