@@ -59,10 +59,13 @@ def _select_kernel(own_ptr, rest_ptr, owner_ptr, expert_ptr, expert_value, out_p
                    HAS_REST: tl.constexpr, FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < n
-    mine = tl.load(owner_ptr + idx, mask=ok, other=0).to(tl.int32) == _expert(expert_ptr, expert_value, FROM_PTR)
+    owner = tl.load(owner_ptr + idx, mask=ok, other=0).to(tl.int32)
+    expert = _expert(expert_ptr, expert_value, FROM_PTR)
+    mine = owner == expert
     own = tl.load(own_ptr + idx, mask=ok & mine, other=0.0)
     if HAS_REST:
-        value = tl.where(mine, own, tl.load(rest_ptr + idx, mask=ok & ~mine, other=0.0))
+        # owner != expert rather than ~mine: Triton 3.3's interpreter cannot invert a boolean block.
+        value = tl.where(mine, own, tl.load(rest_ptr + idx, mask=ok & (owner != expert), other=0.0))
     else:
         value = tl.where(mine, own, 0.0)
     tl.store(out_ptr + idx, value.to(out_ptr.dtype.element_ty), mask=ok)
@@ -109,10 +112,11 @@ def _linear_kernel(a_ptr, own_ptr, rest_ptr, owner_ptr, expert_ptr, expert_value
         a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_offsets = ks[:, None].to(tl.int64) * stride_wk + cols[None, :].to(tl.int64) * stride_wn
         w_ok = k_ok[:, None] & col_ok[None, :]
-        mine = tl.load(owner_ptr + w_offsets, mask=w_ok, other=0).to(tl.int32) == expert
+        owner = tl.load(owner_ptr + w_offsets, mask=w_ok, other=0).to(tl.int32)
+        mine = owner == expert
         b = tl.load(own_ptr + w_offsets, mask=w_ok & mine, other=0.0)
         if HAS_REST:
-            b = tl.where(mine, b, tl.load(rest_ptr + w_offsets, mask=w_ok & ~mine, other=0.0))
+            b = tl.where(mine, b, tl.load(rest_ptr + w_offsets, mask=w_ok & (owner != expert), other=0.0))
         acc = _mma(a, b, acc, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]

@@ -183,7 +183,8 @@ def _validate_routing(routing, n_experts: int, device: torch.device) -> None:
     """The dispatch tables the kernels index with: shapes and dtypes always; on CPU tensors (a read there costs
     nothing) or with FSOSR_CHECK_INPUTS=1 also the values, so that a hand-built Routing cannot make a kernel read
     out of bounds. topk_route's own output always passes."""
-    indices, gates, counts, order, offsets = routing[:5]
+    # Indexed one by one: torch 2.7's dynamo fails on a slice of a NamedTuple (InternalTorchDynamoError).
+    indices, gates, counts, order, offsets = routing[0], routing[1], routing[2], routing[3], routing[4]
     _check(indices.dim() == 2 and gates.shape == indices.shape, "routing.indices and gates must be [N, k]")
     n_slots = indices.numel()
     _check(isinstance(counts, torch.Tensor) and counts.dim() == 1 and counts.shape[0] == n_experts,
