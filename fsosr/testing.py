@@ -156,3 +156,42 @@ def random_experts(e: int, d: int, h: int, d_out: int, seed: int = 0,
     g = torch.Generator().manual_seed(seed)
     return tuple((torch.randn(*shape, generator=g, dtype=dtype) * 0.3).requires_grad_()
                  for shape in ((e, d, h), (e, h), (e, h, d_out), (e, d_out)))
+
+
+def hook_interpreted_launches(on_launch: Callable, *, monkeypatch=None) -> None:
+    """Call ``on_launch(fn, args, kwargs, grid)`` before every kernel launch that Triton's interpreter
+    (TRITON_INTERPRET=1) runs from now on, then run the launch. ``fn``: the
+    kernel's Python function; ``args``, ``kwargs``: what the launch got (kwargs still hold the launch options,
+    num_warps and the like, as ``JITFunction.run`` gets them); ``grid``: the grid as a tuple (a callable one called
+    with the kernel's bound arguments, as the compiled launcher calls it). With ``monkeypatch`` the hook is undone
+    at the end of the test; without, it stays.
+
+    The hook is on GridExecutor.__call__ because every interpreted launch runs through it in Triton 3.3 to 3.8;
+    ``InterpretedFunction.run`` is a class attribute only from 3.4 (3.3 sets it on each kernel, and its
+    ``kernel[grid]`` does not call it)."""
+    import inspect  # noqa: PLC0415
+    from triton.runtime.interpreter import GridExecutor, InterpretedFunction  # noqa: PLC0415 - imports Triton
+
+    original_call = GridExecutor.__call__
+
+    def call(self, *args, **kwargs):
+        # Triton 3.3's InterpretedFunction.run passes its grid and warmup keywords on; a warm-up launches nothing.
+        reserved = {"grid", "warmup"} - set(self.arg_names)
+        if kwargs.get("warmup", False) and "warmup" in reserved:
+            return original_call(self, *args, **kwargs)
+        kwargs = {name: value for name, value in kwargs.items() if name not in reserved}
+        # GridExecutor holds the interpreter's rewrite of the kernel (with string annotations in Triton 3.6, 3.8).
+        fn = next((kernel for kernel, rewritten in InterpretedFunction.rewritten_fn.items() if rewritten is self.fn),
+                  self.fn)
+        grid = self.grid
+        if callable(grid):
+            bound = inspect.signature(fn).bind(*args, **{n: v for n, v in kwargs.items() if n in self.arg_names})
+            bound.apply_defaults()
+            grid = grid(bound.arguments)
+        on_launch(fn, args, kwargs, tuple(grid))
+        return original_call(self, *args, **kwargs)
+
+    if monkeypatch is None:
+        GridExecutor.__call__ = call
+    else:
+        monkeypatch.setattr(GridExecutor, "__call__", call)

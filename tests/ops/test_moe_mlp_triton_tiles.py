@@ -146,17 +146,25 @@ def test_gpu_unit_tiles_match_reference_and_are_deterministic(monkeypatch, kerne
 def record_gemm_launches(monkeypatch, kernels):
     """[(kernel name, launch kwargs and its grid)] of every moe_mlp GEMM kernel launch from now on (the elementwise
     slot-sum and split-reduce kernels are left out)."""
+    from triton.runtime.jit import JITFunction  # noqa: PLC0415 - imports Triton
     gemm_kernels = {"_forward_kernel", "_backward_rows_kernel", "_backward_weights_kernel", "_unit_forward_kernel",
                     "_unit_backward_rows_kernel"}
-    launch_class = type(kernels._forward_kernel)  # InterpretedFunction under the interpreter, JITFunction compiled
     launches = []
-    original_run = launch_class.run
+
+    def record(fn, args, kwargs, grid):
+        if fn.__name__ in gemm_kernels:
+            launches.append((fn.__name__, dict(kwargs, grid=grid)))
+
+    if not isinstance(kernels._forward_kernel, JITFunction):    # an InterpretedFunction under the interpreter
+        testing.hook_interpreted_launches(record, monkeypatch=monkeypatch)
+        return launches
+    original_run = JITFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
-        if self.fn.__name__ in gemm_kernels and not warmup:
-            launches.append((self.fn.__name__, dict(kwargs, grid=tuple(grid))))
+        if not warmup:
+            record(self.fn, args, kwargs, tuple(grid))
         return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
-    monkeypatch.setattr(launch_class, "run", recording_run)
+    monkeypatch.setattr(JITFunction, "run", recording_run)
     return launches
 
 

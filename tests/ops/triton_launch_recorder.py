@@ -12,9 +12,17 @@ import json
 import os
 
 import triton.language as tl
-from triton._C.libtriton import native_specialize_impl
 from triton.backends.nvidia.compiler import CUDABackend
-from triton.runtime.interpreter import InterpretedFunction
+
+from fsosr import testing
+
+try:
+    from triton._C.libtriton import native_specialize_impl
+except ImportError:     # Triton 3.3: its launcher specialises in Python
+    from triton.runtime.jit import create_specialize_impl
+
+    def native_specialize_impl(backend, value, is_const, specialize_value, align):
+        return create_specialize_impl()(value, backend.get_arg_specialization, is_const, specialize_value, align)
 
 
 def specialization(value) -> tuple[str, bool]:
@@ -58,15 +66,12 @@ def pytest_configure(config):
     if not path:
         return
     seen: set[str] = set()
-    original_run = InterpretedFunction.run
 
-    def recording_run(self, *args, grid, warmup, **kwargs):
-        if not warmup:
-            line = json.dumps(launch_record(self.fn, args, kwargs), sort_keys=True)
-            if line not in seen:
-                seen.add(line)
-                with open(path, "a") as log:
-                    log.write(line + "\n")
-        return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    def record(fn, args, kwargs, grid):
+        line = json.dumps(launch_record(fn, args, kwargs), sort_keys=True)
+        if line not in seen:
+            seen.add(line)
+            with open(path, "a") as log:
+                log.write(line + "\n")
 
-    InterpretedFunction.run = recording_run
+    testing.hook_interpreted_launches(record)
