@@ -49,6 +49,16 @@ def triton_import_error() -> str | None:
     return _triton_import_error[0]
 
 
+def triton_too_old() -> str | None:
+    """None when the installed Triton is one our kernels run with (3.3 or newer), else the reason. Triton 3.2
+    (torch 2.6's) aborts the process in its interpreter on our topk_route kernel, and no GPU run used it."""
+    import triton  # noqa: PLC0415
+
+    if _major_minor(triton.__version__) < (3, 3):
+        return f"Triton {triton.__version__} is older than 3.3, the oldest fsosr's Triton kernels run with"
+    return None
+
+
 def triton_interpreter_problem() -> str | None:
     """None when Triton's interpreter can run our kernels with the NumPy installed here, else the reason.
 
@@ -102,7 +112,7 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
             return f"fsosr._C was built without CUDA kernels ({_extension.without_cuda_reason()})"
         return None if torch.cuda.is_available() else _NO_GPU
     if backend == "triton":
-        error = triton_import_error()
+        error = triton_import_error() or triton_too_old()
         if error:
             return error
         if device.type == "cuda":

@@ -221,3 +221,23 @@ def test_cuda_backend_says_why_the_build_has_no_cuda_kernels(monkeypatch):
         "fsosr._C was built without CUDA kernels (the CUDA toolkit at /x is CUDA 13.0 while torch)")
     monkeypatch.setattr(_extension, "BUILD_INFO", {})      # a build from before the reason was recorded
     assert "(no CUDA toolkit at build time, or FSOSR_CUDA=0)" in backends.why_unavailable("cuda", torch.device("cuda"))
+
+
+@pytest.mark.parametrize(("triton_version", "refused"), [("3.2.0", True), ("2.3.1", True), ("3.3.1", False),
+                                                          ("3.8.0", False)])
+def test_triton_older_than_3_3_is_refused_on_every_device(monkeypatch, triton_version, refused):
+    if backends.triton_import_error() is not None:
+        pytest.skip(backends.triton_import_error())
+    import numpy  # noqa: PLC0415
+    import triton  # noqa: PLC0415
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")     # (NumPy >= 2.4 is refused with Triton < 3.7 anyway)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for device in (CPU, torch.device("cuda")):
+        reason = backends.why_unavailable("triton", device)
+        if refused:
+            assert reason == f"Triton {triton_version} is older than 3.3, the oldest fsosr's Triton kernels run with"
+        else:
+            assert reason is None
