@@ -49,6 +49,11 @@ def triton_import_error() -> str | None:
     return _triton_import_error[0]
 
 
+def triton_unusable() -> str | None:
+    """None when Triton can be imported and is new enough for our kernels, else the reason (tests skip on it)."""
+    return triton_import_error() or triton_too_old()
+
+
 def triton_too_old() -> str | None:
     """None when the installed Triton is one our kernels run with (3.3 or newer), else the reason. Triton 3.2
     (torch 2.6's) aborts the process in its interpreter on our topk_route kernel, and no GPU run used it."""
@@ -112,7 +117,7 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
             return f"fsosr._C was built without CUDA kernels ({_extension.without_cuda_reason()})"
         return None if torch.cuda.is_available() else _NO_GPU
     if backend == "triton":
-        error = triton_import_error() or triton_too_old()
+        error = triton_unusable()
         if error:
             return error
         if device.type == "cuda":

@@ -99,6 +99,8 @@ def test_cpu_on_cuda_tensors_is_unavailable():
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    if backends.triton_unusable() is not None:
+        pytest.skip(backends.triton_unusable())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not backends.triton_interpreting()
     with pytest.raises(BackendUnavailable, match=r"set TRITON_INTERPRET=1"):
@@ -109,8 +111,8 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_triton_on_cpu_with_the_interpreter(monkeypatch):
-    if backends.triton_import_error() is not None:
-        pytest.skip(backends.triton_import_error())
+    if backends.triton_unusable() is not None:
+        pytest.skip(backends.triton_unusable())
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backends.triton_interpreting()
     assert backends.resolve("myop", "triton", CPU) == "triton"

@@ -7,7 +7,7 @@ import pytest
 
 from fsosr import backends
 
-if backends.triton_import_error() is not None or not backends.triton_interpreting():
+if backends.triton_unusable() is not None or not backends.triton_interpreting():
     pytest.skip("checks the interpreter (TRITON_INTERPRET=1) only", allow_module_level=True)
 
 import torch  # noqa: E402

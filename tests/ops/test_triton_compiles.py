@@ -29,8 +29,8 @@ if os.environ.get("FSOSR_TRITON_LAUNCH_LOG"):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    if backends.triton_import_error() is not None:
-        pytest.skip(backends.triton_import_error())
+    if backends.triton_unusable() is not None:
+        pytest.skip(backends.triton_unusable())
     if torch.cuda.is_available():
         pytest.skip("with a GPU the op tests compile every launch for real")
     log = tmp_path_factory.mktemp("triton_launches") / "launches.jsonl"
