@@ -23,6 +23,8 @@ from fsosr import _extension
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 _triton_import_error: list[str | None] = []  # filled on first use: [None] when importable, else [reason]
+_too_old: dict[str, str | None] = {}                               # Triton version -> reason or None
+_interpreter_problems: dict[tuple[str, str], str | None] = {}      # (Triton, NumPy) versions -> reason or None
 
 
 _NO_GPU = "no CUDA device is visible (torch.cuda.is_available() is False)"
@@ -59,9 +61,11 @@ def triton_too_old() -> str | None:
     (torch 2.6's) aborts the process in its interpreter on our topk_route kernel, and no GPU run used it."""
     import triton  # noqa: PLC0415
 
-    if _major_minor(triton.__version__) < (3, 3):
-        return f"Triton {triton.__version__} is older than 3.3, the oldest fsosr's Triton kernels run with"
-    return None
+    version = triton.__version__
+    if version not in _too_old:      # once per version: ops ask on every call
+        _too_old[version] = (f"Triton {version} is older than 3.3, the oldest fsosr's Triton kernels run with"
+                             if _major_minor(version) < (3, 3) else None)
+    return _too_old[version]
 
 
 def triton_interpreter_problem() -> str | None:
@@ -77,17 +81,21 @@ def triton_interpreter_problem() -> str | None:
     import numpy  # noqa: PLC0415
     import triton  # noqa: PLC0415
 
-    # Plain string and int work: ops call this while torch.compile traces them (a regex there would make dynamo
-    # guard on the re module's cache, which torch 2.7 then fails).
-    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
-        return (f"Triton {triton.__version__}'s interpreter cannot run with NumPy {numpy.__version__} (it converts "
-                "one-element arrays to ints, which NumPy >= 2.4 refuses; triton-lang/triton#9171): install "
-                "'numpy<2.4' or Triton >= 3.7")
-    return None
+    versions = (triton.__version__, numpy.__version__)
+    if versions not in _interpreter_problems:   # once per pair of versions: ops ask on every call
+        problem = None
+        if _major_minor(versions[0]) < (3, 7) and _major_minor(versions[1]) >= (2, 4):
+            problem = (f"Triton {versions[0]}'s interpreter cannot run with NumPy {versions[1]} (it converts "
+                       "one-element arrays to ints, which NumPy >= 2.4 refuses; triton-lang/triton#9171): install "
+                       "'numpy<2.4' or Triton >= 3.7")
+        _interpreter_problems[versions] = problem
+    return _interpreter_problems[versions]
 
 
 def _major_minor(version: str) -> tuple[int, int]:
-    """(major, minor) of a version string such as '3.6.0', '2.4rc1' or '3.8.0+git1a2b'."""
+    """(major, minor) of a version string such as '3.6.0', '2.4rc1' or '3.8.0+git1a2b'. Plain string and int
+    work, no regex: ops may first ask while torch.compile traces them, and a regex there makes dynamo guard on the
+    re module's cache, which torch 2.7 then fails."""
     def leading_int(text: str) -> int:
         digits = ""
         for c in text:
