@@ -27,14 +27,14 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    """Says up front when the Triton tests cannot pass here for a reason outside the project (each of them then
-    fails with the same reason)."""
+    """Says up front when the Triton tests cannot run here for a reason outside the project (each of them then
+    skips or fails with that reason)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return None
     from fsosr import backends  # noqa: PLC0415
 
     problem = backends.triton_interpreter_problem()
-    return f"WARNING: the Triton tests will fail here: {problem}" if problem else None
+    return f"WARNING: the Triton tests cannot run here: {problem}" if problem else None
 
 
 def _round_float_arguments_as_compiled():
