@@ -83,11 +83,12 @@ def toolkit_mismatch(folder: str, torch_cuda: str, torch_version: str) -> str | 
     match = re.search(r"release (\d+)\.(\d+)", out)
     if match is None:
         return None             # an unknown format: let torch's own check decide
-    if match.group(1) != torch_cuda.split(".")[0]:
-        return (f"the CUDA toolkit at {folder} is CUDA {match.group(1)}.{match.group(2)} while torch {torch_version} "
+    toolkit_major, torch_major = match.group(1), torch_cuda.split(".")[0]
+    if toolkit_major != torch_major:
+        return (f"the CUDA toolkit at {folder} is CUDA {toolkit_major}.{match.group(2)} while torch {torch_version} "
                 f"was built with CUDA {torch_cuda}; torch builds extensions only with a toolkit of the same major "
-                f"version (set CUDA_HOME to a CUDA {torch_cuda.split('.')[0]}.x toolkit, or install a torch built "
-                f"for CUDA {match.group(1)})")
+                f"version (set CUDA_HOME to a CUDA {torch_major}.x toolkit, or install a torch built for CUDA "
+                f"{toolkit_major})")
     return None
 
 
